@@ -1,0 +1,1 @@
+"""strata: a Docker graphdriver plugin."""

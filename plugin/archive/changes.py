@@ -1,0 +1,151 @@
+"""What changed between two directory trees (docker ``ChangesDirs``/``ChangesSize``).
+
+Semantics are protocol.md §6.6, read from ``pkg/archive/changes.go`` and
+``changes_linux.go``:
+
+* a path only in ``new`` is ADD, and so is everything below an added directory;
+* a path only in ``old`` is DELETE, and only the topmost one of a removed subtree;
+* a path in both is MODIFY when mode, uid, gid or rdev differ, or for non-dirs
+  when size or mtime differ, or when ``security.capability`` differs.  mtimes
+  match when the seconds match and either side has 0 ns, because tar-extracted
+  files lose sub-second precision;
+* a directory containing any change gets a MODIFY placed just before its
+  children's entries, unless it is itself listed; ``/`` is never listed;
+* entries with the same inode on the same device are skipped with their whole
+  subtree, as docker's walker does.
+
+Docker iterates Go maps, so its order within a directory is random; ours is
+deterministic: a directory's existing/added children in byte order, then its
+deleted children in byte order.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from plugin.errors import NotFound, StrataError
+
+log = logging.getLogger("strata.archive")
+
+_CAP_XATTR = "security.capability"
+_NS = 1_000_000_000
+
+
+class ChangeKind(enum.IntEnum):
+    MODIFY = 0
+    ADD = 1
+    DELETE = 2
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str  # absolute inside the layer, "/etc/motd"
+    kind: ChangeKind
+
+    def __str__(self) -> str:
+        return f"{'CAD'[self.kind]} {self.path}"
+
+
+def changes(new_root: str, old_root: str | None) -> list[Change]:
+    """Docker's ``ChangesDirs(new_root, old_root)``; ``old_root=None`` compares to empty."""
+    for root in (new_root, old_root):
+        if root is not None and not os.path.isdir(root):
+            raise NotFound(f"changes: {root} is not a directory")
+    out: list[Change] = []
+    try:
+        _compare_dirs(new_root, old_root, "", out)
+    except RecursionError:
+        raise StrataError(f"changes: directory tree under {new_root} is too deep") from None
+    except OSError as exc:
+        raise StrataError(f"changes between {new_root} and {old_root}: {exc}") from None
+    return out
+
+
+def changes_size(new_root: str, changes: list[Change]) -> int:
+    """Docker's ``ChangesSize``: lstat sizes of ADD/MODIFY non-dirs, each hardlinked inode once."""
+    size = 0
+    seen_inodes: set[int] = set()
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        path = os.path.join(new_root, change.path.lstrip("/"))
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            log.error("can not stat %s: %s", path, exc.strerror or exc)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            if st.st_ino in seen_inodes:
+                continue
+            seen_inodes.add(st.st_ino)
+        size += st.st_size
+    return size
+
+
+def _listdir(path: str | None) -> dict[str, int]:
+    """name -> d_ino of a directory's entries; empty for None."""
+    if path is None:
+        return {}
+    with os.scandir(path) as it:
+        return {entry.name: entry.inode() for entry in it}
+
+
+def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]) -> None:
+    """Append the changes below ``rel`` (``""`` for the root); ``new_dir`` is a directory."""
+    new_names = _listdir(new_dir)
+    old_names = _listdir(old_dir)
+    same_device = old_dir is not None and os.lstat(new_dir).st_dev == os.lstat(old_dir).st_dev
+    for name in sorted(new_names, key=os.fsencode):
+        child_rel = f"{rel}/{name}"
+        new_path = os.path.join(new_dir, name)
+        new_st = os.lstat(new_path)
+        if old_dir is None or name not in old_names:
+            out.append(Change(child_rel, ChangeKind.ADD))
+            if stat.S_ISDIR(new_st.st_mode):
+                _compare_dirs(new_path, None, child_rel, out)
+            continue
+        if same_device and new_names[name] == old_names[name]:
+            continue
+        old_path = os.path.join(old_dir, name)
+        old_st = os.lstat(old_path)
+        listed = _stat_different(old_st, new_st) or _capability(old_path) != _capability(new_path)
+        if listed:
+            out.append(Change(child_rel, ChangeKind.MODIFY))
+        if stat.S_ISDIR(new_st.st_mode):
+            start = len(out)
+            old_sub = old_path if stat.S_ISDIR(old_st.st_mode) else None
+            _compare_dirs(new_path, old_sub, child_rel, out)
+            if len(out) > start and not listed:
+                out.insert(start, Change(child_rel, ChangeKind.MODIFY))
+    deleted = [name for name in old_names if name not in new_names]
+    for name in sorted(deleted, key=os.fsencode):
+        out.append(Change(f"{rel}/{name}", ChangeKind.DELETE))
+
+
+def _stat_different(old: os.stat_result, new: os.stat_result) -> bool:
+    if (old.st_mode, old.st_uid, old.st_gid, old.st_rdev) != (
+            new.st_mode, new.st_uid, new.st_gid, new.st_rdev):
+        return True
+    if stat.S_ISDIR(old.st_mode):
+        # Directory size and mtime are not a measure of change (moby#9874).
+        return False
+    return old.st_size != new.st_size or not _same_fs_time(old.st_mtime_ns, new.st_mtime_ns)
+
+
+def _same_fs_time(a_ns: int, b_ns: int) -> bool:
+    a_sec, a_frac = divmod(a_ns, _NS)
+    b_sec, b_frac = divmod(b_ns, _NS)
+    return a_sec == b_sec and (a_frac == b_frac or a_frac == 0 or b_frac == 0)
+
+
+def _capability(path: str) -> bytes | None:
+    try:
+        return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
+    except OSError:
+        return None

@@ -1,0 +1,380 @@
+"""Unpack one layer tar into a directory (docker's ``UnpackLayer``, protocol §6.4).
+
+This runs inside the worker child after it has chrooted into the layer root,
+so ``root`` is normally ``"/"`` and the kernel confines every path lookup,
+including lookups through symlinks the tar itself created.  Names are still
+cleaned and hardlink targets checked lexically, as docker does, so a bug in
+the chroot set-up cannot turn into a write outside the layer.  When ``root`` is
+not ``"/"`` (no chroot), every parent directory is additionally resolved with
+``realpath`` and must stay under ``root``.
+
+Whiteouts (§6.2): in ``aufs`` format ``root`` holds the whole merged tree and a
+``.wh.X`` entry deletes ``X``; ``.wh..wh..opq`` drops everything under the
+directory that this tar did not itself unpack.  In ``overlay`` format ``root``
+is an overlay upper dir: ``.wh.X`` becomes the kernel's whiteout (char device
+0:0) and the opaque marker becomes ``trusted.overlay.opaque=y``.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import unquote
+
+from plugin.archive import tarheader as th
+from plugin.errors import InvalidArgument, StrataError
+from plugin.idtools import IDMappings
+
+log = logging.getLogger("strata.archive")
+
+_COPY_CHUNK = 1 << 20
+_PLNK_STASH = ".wh..wh.strata-plnk"
+_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+_DEVICE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
+                 tarfile.FIFOTYPE: stat.S_IFIFO}
+_IGNORED_XATTR_ERRNOS = (errno.ENOTSUP, errno.EPERM)
+
+
+class BadEntry(InvalidArgument):
+    """The tar entry itself is unacceptable (escape, unknown type, dangling link)."""
+
+
+@dataclass
+class _DirTimes:
+    path: str
+    atime_ns: int
+    mtime_ns: int
+
+
+def clean_name(name: str) -> str:
+    """Docker's ``filepath.Clean`` + breakout check: relative, no ``..``; root is ``.``."""
+    cleaned = (os.path.normpath(name) if name else ".").lstrip("/") or "."
+    if cleaned == ".." or cleaned.startswith("../"):
+        raise BadEntry(f"{name!r} is outside of the layer root")
+    return cleaned
+
+
+def remove_all(path: str) -> None:
+    """``os.RemoveAll``: a missing path is fine, a directory goes with its content."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class LayerExtractor:
+    """One pass over one layer stream; not reusable."""
+
+    def __init__(self, root: str, idmap: IDMappings, whiteout_format: str = "aufs") -> None:
+        if whiteout_format not in ("aufs", "overlay"):
+            raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+        self.root = os.path.abspath(root)
+        self.idmap = idmap
+        self.overlay = whiteout_format == "overlay"
+        self.size = 0
+        self._unpacked: set[str] = set()
+        self._dirs: list[_DirTimes] = []
+        self._plnk: dict[str, tarfile.TarInfo] = {}
+        self._host_root = idmap.root_pair() if not idmap.empty else (0, 0)
+        self._ignored_xattrs = 0
+
+    # -- driving loop ----------------------------------------------------------
+
+    def run(self, fileobj: IO[bytes]) -> int:
+        try:
+            self._run(fileobj)
+        finally:
+            if self._plnk:
+                shutil.rmtree(self._abs(_PLNK_STASH), ignore_errors=True)
+        if self._ignored_xattrs:
+            log.warning("ignored %d xattrs the filesystem refused (ENOTSUP/EPERM)",
+                        self._ignored_xattrs)
+        return self.size
+
+    def _run(self, fileobj: IO[bytes]) -> None:
+        try:
+            tar = th.open_reader(fileobj)
+        except tarfile.ReadError as exc:
+            raise InvalidArgument(f"layer tar: {_read_error_text(exc)}") from None
+        with tar:
+            while True:
+                info = self._next(tar)
+                if info is None:
+                    break
+                # Stream mode would otherwise keep every header ever read.
+                tar.members.clear()
+                self.size += info.size
+                try:
+                    self._entry(tar, info)
+                except StrataError as exc:
+                    raise type(exc)(f"layer tar entry {info.name!r}: {exc}") from None
+                except OSError as exc:
+                    raise _os_error(info.name, exc) from None
+                except (tarfile.TarError, EOFError) as exc:
+                    raise InvalidArgument(
+                        f"layer tar entry {info.name!r}: {_read_error_text(exc)}") from None
+        for times in self._dirs:
+            self._set_times(times.path, times.atime_ns, times.mtime_ns, missing_ok=True)
+
+    def _next(self, tar: th.LayerTarFile) -> tarfile.TarInfo | None:
+        try:
+            info = tar.next()
+        except (tarfile.TarError, EOFError) as exc:
+            raise InvalidArgument(f"layer tar: {_read_error_text(exc)}") from None
+        if info is None and tar.header_error is not None:
+            raise InvalidArgument(f"layer tar: bad header after {self.size} bytes of "
+                                  f"content: {tar.header_error}")
+        return info
+
+    def _entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+        rel = clean_name(info.name)
+        base = os.path.basename(rel)
+        if _is_aufs_metadata(rel) or _is_aufs_metadata(base):
+            self._aufs_metadata(tar, info, rel)
+            return
+        if rel == ".":
+            self._root_entry(info)
+            return
+        parent = self._ensure_parent(rel)
+        if base.startswith(th.WHITEOUT_PREFIX):
+            self._whiteout(info, parent, base)
+            return
+        self._create(tar, info, rel)
+
+    # -- path helpers ----------------------------------------------------------
+
+    def _abs(self, rel: str) -> str:
+        return self.root if rel == "." else os.path.join(self.root, rel)
+
+    def _confine(self, path: str) -> None:
+        """Without a chroot, refuse a path whose resolved location leaves root."""
+        if self.root == "/":
+            return
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root + "/"):
+            raise BadEntry(f"{path!r} resolves outside of the layer root")
+
+    def _ensure_parent(self, rel: str) -> str:
+        parent = self._abs(os.path.dirname(rel) or ".")
+        self._confine(parent)
+        if not os.path.lexists(parent):
+            # Docker uses 0600 here; 0755 keeps the directory usable when the tar
+            # never names it (a later header for it still sets its real mode).
+            os.makedirs(parent, 0o755, exist_ok=True)
+        return parent
+
+    # -- whiteouts ---------------------------------------------------------------
+
+    def _aufs_metadata(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str) -> None:
+        """Keep regular files under /.wh..wh.plnk: later hardlinks may point at them."""
+        if not (rel.startswith(th.WHITEOUT_LINK_DIR + "/") and info.isreg()):
+            return
+        stash = self._abs(_PLNK_STASH)
+        os.makedirs(stash, 0o700, exist_ok=True)
+        key = os.path.basename(rel)
+        self._write_regular(tar, info, os.path.join(stash, key))
+        self._plnk[key] = info
+
+    def _whiteout(self, info: tarfile.TarInfo, parent: str, base: str) -> None:
+        if base == th.WHITEOUT_OPAQUE:
+            if self.overlay:
+                os.setxattr(parent, th.OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
+            else:
+                self._drop_lower(parent)
+            return
+        target = os.path.join(parent, base[len(th.WHITEOUT_PREFIX):])
+        remove_all(target)
+        if self.overlay:
+            os.mknod(target, stat.S_IFCHR, 0)
+            uid, gid = self._host_ids(info)
+            os.chown(target, uid, gid, follow_symlinks=False)
+            self._unpacked.add(target)
+
+    def _drop_lower(self, directory: str) -> None:
+        """Remove every path under ``directory`` this tar did not unpack."""
+        try:
+            if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        pending = [directory]
+        while pending:
+            current = pending.pop()
+            with os.scandir(current) as it:
+                entries = list(it)
+            for entry in entries:
+                if entry.path not in self._unpacked:
+                    remove_all(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+
+    # -- entry creation ----------------------------------------------------------
+
+    def _root_entry(self, info: tarfile.TarInfo) -> None:
+        if not info.isdir():
+            raise BadEntry("the layer root entry must be a directory")
+        self._apply_metadata(info, self.root)
+        self._defer_dir_times(info, self.root)
+
+    def _create(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str) -> None:
+        path = self._abs(rel)
+        try:
+            existing = os.lstat(path)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not (stat.S_ISDIR(existing.st_mode) and info.isdir()):
+            remove_all(path)
+        meta = info
+        if info.isdir():
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(path, 0o700)
+        elif info.type in _REGULAR_TYPES:
+            self._write_regular(tar, info, path)
+        elif info.islnk():
+            meta = self._hardlink(info, path)
+        elif info.issym():
+            self._symlink(info, path)
+        elif info.type in _DEVICE_TYPES:
+            dev = 0 if info.isfifo() else os.makedev(info.devmajor, info.devminor)
+            os.mknod(path, _DEVICE_TYPES[info.type] | 0o600, dev)
+        else:
+            raise BadEntry(f"unhandled tar header type {info.type!r}")
+        # A hardlink to a symlink: chmod/utime would act on the symlink's target.
+        if not (info.islnk() and stat.S_ISLNK(os.lstat(path).st_mode)):
+            self._apply_metadata(meta, path)
+        if info.isdir():
+            self._defer_dir_times(meta, path)
+        self._unpacked.add(path)
+
+    def _write_regular(self, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str) -> None:
+        # O_EXCL|O_NOFOLLOW: the path was just cleared, so anything there now is hostile.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            src = tar.extractfile(info)
+            if src is None:
+                return
+            while chunk := src.read(_COPY_CHUNK):
+                out.write(chunk)
+
+    def _hardlink(self, info: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        target_rel = clean_name(info.linkname)
+        if target_rel.startswith(th.WHITEOUT_LINK_DIR + "/"):
+            return self._plnk_copy(info, target_rel, path)
+        if target_rel == ".":
+            raise BadEntry(f"invalid hardlink target {info.linkname!r}")
+        target = self._abs(target_rel)
+        self._confine(os.path.dirname(target))
+        try:
+            os.link(target, path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise BadEntry(f"hardlink target {info.linkname!r} does not exist") from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise BadEntry(f"cannot hardlink to {info.linkname!r}: {exc.strerror}") from None
+        return info
+
+    def _plnk_copy(self, info: tarfile.TarInfo, target_rel: str, path: str) -> tarfile.TarInfo:
+        """Legacy AUFS images link into /.wh..wh.plnk, which is never materialised."""
+        key = os.path.basename(target_rel)
+        source = self._plnk.get(key)
+        if source is None:
+            raise BadEntry(f"invalid aufs hardlink {info.linkname!r}")
+        shutil.copyfile(os.path.join(self._abs(_PLNK_STASH), key), path, follow_symlinks=False)
+        return source
+
+    def _symlink(self, info: tarfile.TarInfo, path: str) -> None:
+        if self.root != "/" and not os.path.isabs(info.linkname):
+            # Docker's lexical check; in the chroot every target is confined anyway.
+            joined = os.path.normpath(os.path.join(os.path.dirname(path), info.linkname))
+            if joined != self.root and not joined.startswith(self.root + "/"):
+                raise BadEntry(f"invalid symlink {info.name!r} -> {info.linkname!r}")
+        os.symlink(info.linkname, path)
+
+    # -- metadata ------------------------------------------------------------------
+
+    def _host_ids(self, info: tarfile.TarInfo) -> tuple[int, int]:
+        if self.idmap.empty:
+            return info.uid, info.gid
+        root_uid, root_gid = self._host_root
+        # Docker's ToHost leaves an id alone when it already equals the remapped root.
+        uid = info.uid if info.uid == root_uid else self.idmap.to_host(info.uid, 0)[0]
+        gid = info.gid if info.gid == root_gid else self.idmap.to_host(0, info.gid)[1]
+        return uid, gid
+
+    def _apply_metadata(self, meta: tarfile.TarInfo, path: str) -> None:
+        """lchown, xattrs, chmod, times — in docker's order (chown clears setuid bits)."""
+        uid, gid = self._host_ids(meta)
+        os.chown(path, uid, gid, follow_symlinks=False)
+        self._set_xattrs(meta, path)
+        is_symlink = meta.issym()
+        if not is_symlink:
+            os.chmod(path, meta.mode & 0o7777)
+        if not meta.isdir():
+            mtime = th.entry_mtime_ns(meta)
+            self._set_times(path, th.entry_atime_ns(meta, mtime), mtime)
+
+    def _set_xattrs(self, info: tarfile.TarInfo, path: str) -> None:
+        for name, value in _entry_xattrs(info):
+            if self.overlay and name.startswith(th.OVERLAY_XATTR_PREFIX):
+                # Only the opaque marker may create overlay metadata in an upper dir.
+                continue
+            try:
+                os.setxattr(path, name, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _IGNORED_XATTR_ERRNOS:
+                    raise
+                self._ignored_xattrs += 1
+
+    def _defer_dir_times(self, info: tarfile.TarInfo, path: str) -> None:
+        mtime = th.entry_mtime_ns(info)
+        self._dirs.append(_DirTimes(path, th.entry_atime_ns(info, mtime), mtime))
+
+    @staticmethod
+    def _set_times(path: str, atime_ns: int, mtime_ns: int, missing_ok: bool = False) -> None:
+        try:
+            os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+
+def _is_aufs_metadata(name: str) -> bool:
+    return name.startswith(th.WHITEOUT_META_PREFIX) and name != th.WHITEOUT_OPAQUE
+
+
+def _entry_xattrs(info: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    found: list[tuple[str, bytes]] = []
+    for key, value in info.pax_headers.items():
+        if key.startswith(th.SCHILY_XATTR):
+            found.append((key[len(th.SCHILY_XATTR):], th.pax_value_bytes(value)))
+        elif key.startswith(th.LIBARCHIVE_XATTR):
+            # bsdtar: URL-encoded name, base64 value.
+            name = unquote(key[len(th.LIBARCHIVE_XATTR):])
+            found.append((name, base64.b64decode(value + "=" * (-len(value) % 4))))
+    return found
+
+
+def _read_error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if text == "empty file":
+        return "empty stream (no tar header)"
+    return text
+
+
+def _os_error(name: str, exc: OSError) -> StrataError:
+    """Map an OSError while creating an entry to the error dockerd should see."""
+    text = f"layer tar entry {name!r}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+        return StrataError(text)
+    return InvalidArgument(text)

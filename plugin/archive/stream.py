@@ -1,0 +1,247 @@
+"""Parent side of the archive workers: spawn, feed, collect (see ``worker.py``).
+
+Both directions run tar work in a child process: extraction because it must
+``chroot`` into the layer (docker's ``chrootarchive``), export so that the
+plugin's event-loop process never competes for the GIL with a tar writer.
+Layers are streamed in fixed-size chunks; nothing holds a whole layer in memory.
+These functions block: call them from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO, Self, cast
+
+from plugin.archive.changes import Change, ChangeKind
+from plugin.errors import InvalidArgument, NotFound, StrataError
+from plugin.idtools import IDMappings
+
+log = logging.getLogger("strata.archive")
+
+_CHUNK = 1 << 20
+#: How an export worker marks the message of a fatal error on stderr.
+FATAL_PREFIX = "FATAL "
+_WHITEOUT_FORMATS = ("aufs", "overlay")
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# The directory that holds the ``plugin`` package, so the child imports this very copy.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ERROR_KINDS: dict[str, type[StrataError]] = {
+    "InvalidArgument": InvalidArgument, "StrataError": StrataError,
+}
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    idmap: IDMappings = field(default_factory=IDMappings)
+    whiteout_format: str = "aufs"
+
+
+def _spawn(args: list[str], stdout: int, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugin.archive.worker", *args],
+        stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env=env, close_fds=True,
+    )
+
+
+def _relay_log(stderr: IO[bytes]) -> list[str]:
+    """Pass the child's log lines on to our logger; return them."""
+    stderr.seek(0)
+    lines = stderr.read().decode("utf-8", "replace").splitlines()
+    for line in lines:
+        if line and not line.startswith(FATAL_PREFIX):
+            log.warning("archive worker: %s", line)
+    return lines
+
+
+class TarStream:
+    """A layer tar read from a child process's stdout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stderr: IO[bytes], what: str) -> None:
+        self._proc = proc
+        self._stderr = stderr
+        self._what = what
+        self._done = False
+        self._started = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all with ``n < 0``); ``b""`` at the end. At the end a failed
+        child raises StrataError with its message."""
+        if self._done:
+            return b""
+        out = cast(io.BufferedReader, self._proc.stdout)
+        data = out.read() if n < 0 else out.read1(n) if n else b""
+        if n != 0 and (not data or n < 0):
+            self._finish()
+        return data
+
+    def _finish(self) -> None:
+        self._done = True
+        rc = self._proc.wait()
+        lines = _relay_log(self._stderr)
+        self._close_pipes()
+        elapsed = time.monotonic() - self._started
+        if rc != 0:
+            fatal = [ln[len(FATAL_PREFIX):] for ln in lines if ln.startswith(FATAL_PREFIX)]
+            detail = fatal[-1] if fatal else (lines[-1] if lines else f"exit status {rc}")
+            log.warning("%s failed after %.2fs: %s", self._what, elapsed, detail)
+            raise StrataError(f"{self._what}: {detail}")
+        log.info("%s done in %.2fs", self._what, elapsed)
+
+    def _close_pipes(self) -> None:
+        for pipe in (self._proc.stdout, self._proc.stdin):
+            if pipe is not None:
+                pipe.close()
+        self._stderr.close()
+
+    def close(self) -> None:
+        """Stop the child if it is still writing, and reap it."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        if not self._done:
+            self._done = True
+            self._close_pipes()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
+                  changes: list[Change] | None) -> TarStream:
+    if whiteout_format not in _WHITEOUT_FORMATS:
+        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+    if not os.path.isdir(root):
+        raise NotFound(f"export: {root} is not a directory")
+    spec: dict[str, Any] = {
+        "root": root, "idmap": idmap.to_json(), "whiteout_format": whiteout_format,
+        "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes],
+    }
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the TarStream
+    proc = _spawn(["export"], subprocess.PIPE, stderr)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(spec).encode() + b"\n")
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the child died at start; read() reports why
+    return TarStream(proc, stderr, f"exporting {root}")
+
+
+def export_tree(root: str, idmap: IDMappings, *, whiteout_format: str = "aufs") -> TarStream:
+    """The full tree of ``root`` as a layer tar (a Diff with no parent)."""
+    return _start_export(root, idmap, whiteout_format, None)
+
+
+def export_changes(root: str, changes: list[Change], idmap: IDMappings, *,
+                   whiteout_format: str = "aufs") -> TarStream:
+    """Docker ``ExportChanges``: changed paths of ``root``, deletions as ``.wh.`` entries."""
+    ordered = sorted(changes, key=lambda c: os.fsencode(c.path))
+    return _start_export(root, idmap, whiteout_format, ordered)
+
+
+def apply_layer(root: str, stream: BinaryIO, options: ApplyOptions = ApplyOptions()) -> int:
+    """Extract the uncompressed layer tar from ``stream`` into ``root``; return the sum of
+    its header sizes.  ``stream`` is read to EOF whatever happens."""
+    started = time.monotonic()
+    try:
+        if options.whiteout_format not in _WHITEOUT_FORMATS:
+            raise InvalidArgument(f"unknown whiteout format {options.whiteout_format!r}")
+        if not os.path.isdir(root):
+            raise NotFound(f"apply layer: {root} is not a directory")
+        size = _run_apply(root, stream, options)
+    except BaseException:
+        _drain(stream)
+        log.warning("apply layer to %s failed after %.2fs", root, time.monotonic() - started)
+        raise
+    log.info("applied layer to %s: size %d in %.2fs", root, size, time.monotonic() - started)
+    return size
+
+
+def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
+    args = json.dumps({"root": root, "idmap": options.idmap.to_json(),
+                       "whiteout_format": options.whiteout_format})
+    with tempfile.TemporaryFile() as stderr:
+        proc = _spawn(["apply", args], subprocess.PIPE, stderr)
+        _widen_pipe(proc.stdin)
+        try:
+            _feed(proc, stream)
+            assert proc.stdout is not None
+            reply = proc.stdout.read()
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        lines = _relay_log(stderr)
+    return _parse_apply_reply(root, reply, rc, lines)
+
+
+def _widen_pipe(pipe: IO[bytes] | None) -> None:
+    """A 64 KiB pipe makes the copy ping-pong between processes; 1 MiB (the default
+    /proc/sys/fs/pipe-max-size) roughly doubles apply throughput."""
+    if pipe is None:
+        return
+    try:
+        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _CHUNK)
+    except OSError:
+        pass  # an unprivileged limit lower than 1 MiB: keep the default size
+
+
+def _feed(proc: subprocess.Popen[bytes], stream: BinaryIO) -> None:
+    """Copy ``stream`` into the child's stdin; after the child stops reading, keep
+    draining ``stream`` so the sender always sees its body consumed."""
+    stdin = proc.stdin
+    assert stdin is not None
+    child_reading = True
+    while chunk := stream.read(_CHUNK):
+        if child_reading:
+            try:
+                stdin.write(chunk)
+            except BrokenPipeError:
+                child_reading = False
+    try:
+        stdin.close()
+    except BrokenPipeError:
+        pass
+
+
+def _drain(stream: BinaryIO) -> None:
+    try:
+        while stream.read(_CHUNK):
+            pass
+    except Exception as exc:  # noqa: BLE001 - the original error is what matters
+        log.debug("draining the layer stream stopped: %s", exc)
+
+
+def _parse_apply_reply(root: str, reply: bytes, rc: int, lines: list[str]) -> int:
+    try:
+        result = json.loads(reply)
+    except ValueError:
+        detail = lines[-1] if lines else f"exit status {rc}"
+        raise StrataError(f"apply layer to {root}: worker failed: {detail}") from None
+    if "error" in result:
+        raise _ERROR_KINDS.get(result.get("kind", ""), StrataError)(result["error"])
+    return int(result["size"])
+
+
+__all__ = ["ApplyOptions", "Change", "ChangeKind", "TarStream", "apply_layer",
+           "export_changes", "export_tree"]

@@ -1,0 +1,100 @@
+"""Child process entry points: ``python -m plugin.archive.worker apply|export``.
+
+Docker runs extraction in a re-exec'd child chrooted into the layer
+(``pkg/chrootarchive``); so do we.  The parent (``stream.py``) talks to us over
+pipes only:
+
+* ``apply ARGS_JSON``: layer tar on stdin; one JSON line on stdout:
+  ``{"size": N}`` or ``{"error": "...", "kind": "InvalidArgument"|"StrataError"}``.
+* ``export``: one JSON line on stdin (root, changes or null, idmap, whiteout
+  format; it can be megabytes, too big for argv), the tar on stdout.  A fatal
+  failure exits non-zero after a ``FATAL <message>`` line on stderr.
+
+Everything the extractor needs is imported at module load, before ``chroot``:
+after it the interpreter can no longer find stdlib modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import IO, Any
+
+from plugin.archive.extract import LayerExtractor
+from plugin.archive.stream import FATAL_PREFIX
+from plugin.archive.writer import LayerWriter, walk_tree
+from plugin.errors import InvalidArgument, StrataError
+from plugin.idtools import IDMappings
+
+log = logging.getLogger("strata.archive")
+
+_STDIN_BUFFER = 1 << 20
+
+
+def _apply(args: dict[str, Any], stdin: IO[bytes]) -> dict[str, Any]:
+    root = args["root"]
+    idmap = IDMappings.from_json(args["idmap"])
+    fmt = args["whiteout_format"]
+    try:
+        extractor = LayerExtractor("/", idmap, fmt)
+        os.chroot(root)
+        os.chdir("/")
+        return {"size": extractor.run(stdin)}
+    except StrataError as exc:
+        kind = "InvalidArgument" if isinstance(exc, InvalidArgument) else "StrataError"
+        return {"error": str(exc), "kind": kind}
+    except Exception as exc:  # the parent must get a message, not a traceback
+        log.exception("applying layer to %s", root)
+        return {"error": f"applying layer to {root}: {exc}", "kind": "StrataError"}
+
+
+def _export(spec: dict[str, Any], out: IO[bytes]) -> None:
+    root = spec["root"]
+    writer = LayerWriter(out, IDMappings.from_json(spec["idmap"]), spec["whiteout_format"])
+    changes: list[list[Any]] | None = spec["changes"]
+    if changes is None:
+        for path, name in walk_tree(root):
+            writer.add_path(path, name)
+    else:
+        for path, kind in changes:
+            name = os.path.normpath(path).lstrip("/")
+            if not name or name == "." or name.startswith("../"):
+                log.warning("skipping change with invalid path %r", path)
+            elif kind == 2:
+                writer.add_whiteout(name)
+            else:
+                writer.add_path(os.path.join(root, name), name)
+    writer.close()
+    out.flush()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(levelname)s %(message)s")
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    if len(argv) == 2 and argv[0] == "apply":
+        # tarfile reads the stream 10 KiB at a time; a big buffer turns that into few syscalls.
+        stdin = open(sys.stdin.fileno(), "rb", buffering=_STDIN_BUFFER, closefd=False)  # noqa: SIM115
+        result = _apply(json.loads(argv[1]), stdin)
+        stdout.write(json.dumps(result).encode() + b"\n")
+        stdout.flush()
+        return 0
+    if len(argv) == 1 and argv[0] == "export":
+        try:
+            _export(json.loads(stdin.readline()), stdout)
+        except BrokenPipeError:
+            # The reader went away; keep interpreter shutdown from flushing into the pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+            return 1
+        except (StrataError, OSError, ValueError, KeyError) as exc:
+            sys.stderr.write(f"{FATAL_PREFIX}{exc}\n")
+            return 1
+        return 0
+    sys.stderr.write(f"{FATAL_PREFIX}usage: worker apply ARGS_JSON | worker export\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

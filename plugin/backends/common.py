@@ -1,0 +1,38 @@
+"""What every backend shares: its LayerStore, its reference counts, its Home."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from plugin.idtools import IDMappings
+from plugin.state.layers import LayerStore
+from plugin.state.refcount import RefCounter
+
+log = logging.getLogger("strata.backend")
+
+
+class RefCountedStore:
+    """Mixin: a Home with staged layers and persisted Get/Put counts.
+
+    ``needs_mount`` says whether Get mounts something; if so the counts are
+    checked against /proc/self/mountinfo at start-up (``mounted_ids``).
+    """
+
+    def __init__(self, home: str, idmap: IDMappings, *, needs_mount: bool) -> None:
+        self.home = home
+        self.idmap = idmap
+        self.store = LayerStore(home)
+        self.refs = RefCounter(os.path.join(home, "refs.json"))
+        self.store.reconcile()
+        self.refs.reconcile(self.mounted_ids(), needs_mount=needs_mount)
+
+    def mounted_ids(self) -> list[str]:
+        return []
+
+    @staticmethod
+    def root_of(layer_dir: str) -> str:
+        return os.path.join(layer_dir, "root")
+
+    def exists(self, layer_id: str) -> bool:
+        return self.store.exists(layer_id)

@@ -1,0 +1,119 @@
+"""The naive diff: Diff/Changes/ApplyDiff/DiffSize for any ProtoDriver.
+
+It mounts the layer (and its parent) through the backend's own get/put and
+walks the two trees, as moby's ``NaiveDiffDriver`` does.  Correct for every
+backend; a backend with a cheaper native diff overrides it.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from plugin.archive import ApplyOptions, Change, TarStream, apply_layer, changes, changes_size
+from plugin.archive import export_changes, export_tree
+from plugin.driver.base import Capabilities, CreateOpts, Driver, ProtoDriver
+from plugin.idtools import IDMappings
+
+
+class _ReleasingStream(TarStream):
+    """Forwards a TarStream and puts the mounted layers back once it is closed."""
+
+    def __init__(self, inner: TarStream, release: list[tuple[ProtoDriver, str]]) -> None:
+        self._inner = inner
+        self._release = release
+
+    def read(self, n: int = -1) -> bytes:
+        return self._inner.read(n)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            release, self._release = self._release, []
+            for driver, layer_id in reversed(release):
+                driver.put(layer_id)
+
+
+class NaiveDiffDriver(Driver):
+    """Wraps a ProtoDriver, delegating the proto calls and adding the diff ones."""
+
+    def __init__(self, proto: ProtoDriver, idmap: IDMappings) -> None:
+        self.proto = proto
+        self.idmap = idmap
+        self.name = proto.name
+
+    # ---- the proto calls, delegated ----------------------------------------
+    def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        self.proto.create(layer_id, parent, opts)
+
+    def create_read_write(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        self.proto.create_read_write(layer_id, parent, opts)
+
+    def remove(self, layer_id: str) -> None:
+        self.proto.remove(layer_id)
+
+    def get(self, layer_id: str, mount_label: str) -> str:
+        return self.proto.get(layer_id, mount_label)
+
+    def put(self, layer_id: str) -> None:
+        self.proto.put(layer_id)
+
+    def exists(self, layer_id: str) -> bool:
+        return self.proto.exists(layer_id)
+
+    def status(self) -> list[tuple[str, str]]:
+        return [*self.proto.status(), ("Diff", "naive (tree walk)")]
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        return self.proto.metadata(layer_id)
+
+    def cleanup(self) -> None:
+        self.proto.cleanup()
+
+    def capabilities(self) -> Capabilities:
+        return self.proto.capabilities()
+
+    # ---- the diff calls ----------------------------------------------------
+    def diff(self, layer_id: str, parent: str) -> TarStream:
+        held: list[tuple[ProtoDriver, str]] = []
+        try:
+            root = self.proto.get(layer_id, "")
+            held.append((self.proto, layer_id))
+            if not parent:
+                return _ReleasingStream(export_tree(root, self.idmap), held)
+            parent_root = self.proto.get(parent, "")
+            held.append((self.proto, parent))
+            found = changes(root, parent_root)
+            return _ReleasingStream(export_changes(root, found, self.idmap), held)
+        except BaseException:
+            for driver, held_id in reversed(held):
+                driver.put(held_id)
+            raise
+
+    def changes(self, layer_id: str, parent: str) -> list[Change]:
+        root = self.proto.get(layer_id, "")
+        try:
+            if not parent:
+                return changes(root, None)
+            parent_root = self.proto.get(parent, "")
+            try:
+                return changes(root, parent_root)
+            finally:
+                self.proto.put(parent)
+        finally:
+            self.proto.put(layer_id)
+
+    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
+        root = self.proto.get(layer_id, "")
+        try:
+            return apply_layer(root, stream, ApplyOptions(idmap=self.idmap))
+        finally:
+            self.proto.put(layer_id)
+
+    def diff_size(self, layer_id: str, parent: str) -> int:
+        found = self.changes(layer_id, parent)
+        root = self.proto.get(layer_id, "")
+        try:
+            return changes_size(root, found)
+        finally:
+            self.proto.put(layer_id)

@@ -1,0 +1,185 @@
+"""``strata install`` / ``uninstall`` / ``check``: put strata where dockerd finds it.
+
+install writes ``/etc/docker/plugins/NAME.spec`` (``unix:///run/docker/plugins/
+NAME.sock``) and the systemd pair ``NAME.socket`` + ``NAME.service`` (socket
+activation: the first dockerd connection starts strata), plus a docker.service
+drop-in ordering dockerd after the socket.  With ``--start`` it also starts
+serving: through systemd when systemd is the init, otherwise as a detached
+``strata serve`` whose pid is kept in ``/run/strata/NAME.pid`` (containers and
+minimal hosts have no systemd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from plugin.driver import probes
+
+#: The directory that holds the ``plugin`` package: a detached server started
+#: from a source checkout needs it on PYTHONPATH.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def socket_path(name: str) -> str:
+    return f"/run/docker/plugins/{name}.sock"
+
+
+def render_units(name: str, backend: str, python: str = sys.executable) -> dict[str, str]:
+    """The systemd unit pair for plugin ``name`` (systemd/ holds the default one)."""
+    exec_start = shlex.join([python, "-m", "plugin", "serve", "--name", name,
+                             "--backend", backend])
+    return {
+        f"{name}.socket": f"""[Unit]
+Description=strata graphdriver plugin socket ({name})
+PartOf={name}.service
+
+[Socket]
+ListenStream={socket_path(name)}
+SocketMode=0600
+
+[Install]
+WantedBy=sockets.target
+""",
+        f"{name}.service": f"""[Unit]
+Description=strata graphdriver plugin ({name})
+Documentation=https://docs.docker.com/engine/extend/plugins_graphdriver/
+Requires={name}.socket
+After={name}.socket
+Before=docker.service
+
+[Service]
+Type=notify
+ExecStart={exec_start}
+KillMode=mixed
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+""",
+    }
+
+
+def _systemd_running() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def pid_file(name: str) -> str:
+    return f"/run/strata/{name}.pid"
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    print(f"wrote {path}")
+
+
+def install(args: argparse.Namespace) -> int:
+    name = args.name
+    _write(os.path.join(args.spec_dir, f"{name}.spec"), f"unix://{socket_path(name)}\n")
+    for unit, text in render_units(name, args.backend).items():
+        _write(os.path.join(args.unit_dir, unit), text)
+    _write(os.path.join(args.unit_dir, "docker.service.d", f"10-{name}.conf"),
+           f"[Unit]\nWants={name}.socket\nAfter={name}.socket\n")
+    if not args.start:
+        return 0
+    if _systemd_running():
+        subprocess.run(["systemctl", "daemon-reload"], check=True)
+        subprocess.run(["systemctl", "enable", "--now", f"{name}.socket"], check=True)
+        print(f"{name}.socket enabled; dockerd's first connection starts strata")
+        return 0
+    return _start_detached(name, args.backend)
+
+
+def _start_detached(name: str, backend: str) -> int:
+    if _running_pid(name):
+        print(f"strata {name} already running (pid {_running_pid(name)})")
+        return 0
+    os.makedirs("/run/strata", exist_ok=True)
+    log_path = f"/var/log/strata-{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plugin", "serve", "--name", name, "--backend", backend],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            cwd="/", env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
+    _write(pid_file(name), f"{proc.pid}\n")
+    for _ in range(100):
+        if os.path.exists(socket_path(name)):
+            print(f"strata {name} serving on {socket_path(name)} (pid {proc.pid}, log {log_path})")
+            return 0
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    print(f"strata {name} did not start; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _running_pid(name: str) -> int | None:
+    try:
+        with open(pid_file(name), encoding="ascii") as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def uninstall(args: argparse.Namespace) -> int:
+    name = args.name
+    if _systemd_running():
+        subprocess.run(["systemctl", "disable", "--now", f"{name}.socket", f"{name}.service"],
+                       check=False)
+    pid = _running_pid(name)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+    paths = [os.path.join(args.spec_dir, f"{name}.spec"), pid_file(name),
+             os.path.join(args.unit_dir, "docker.service.d", f"10-{name}.conf"),
+             *(os.path.join(args.unit_dir, unit) for unit in render_units(name, "auto"))]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            print(f"removed {path}")
+    if _systemd_running():
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    """A readiness report: what this host offers each backend."""
+    kernel = probes.filesystems()
+    home = args.home
+    rows = [
+        ("kernel", os.uname().release),
+        ("backing filesystem of " + home, probes.fs_name(home)),
+        ("overlay", "yes" if "overlay" in kernel else "no"),
+        ("btrfs", "yes" if "btrfs" in kernel else "no"),
+        ("fuse", "yes" if os.path.exists("/dev/fuse") else "no"),
+        ("device-mapper", "yes" if os.path.exists("/dev/mapper/control") else "no"),
+        ("aufs", "yes" if "aufs" in kernel else "no"),
+        ("dockerd", _dockerd_version()),
+    ]
+    for key, value in rows:
+        print(f"{key:<40} {value}")
+    return 0
+
+
+def _dockerd_version() -> str:
+    try:
+        out = subprocess.run(["dockerd", "--version"], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return "not installed"
+    return out.stdout.strip() or out.stderr.strip()

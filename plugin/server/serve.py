@@ -1,0 +1,103 @@
+"""Run the plugin server until SIGTERM/SIGINT: sockets, spec file, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from plugin.driver.manager import DriverManager
+from plugin.server.activation import listen_fds, notify
+from plugin.server.app import build_app
+
+log = logging.getLogger("strata.server")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    name: str
+    socket_path: str
+    socket_mode: int
+    socket_group: int | None
+    backend: str
+    state_dir: str
+    spec_dir: str | None
+    options: tuple[str, ...] = ()
+
+
+def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
+    """Bind ``path`` with ``mode`` from the first instant (no window at 0755)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    if os.path.lexists(path):
+        if _socket_answers(path):
+            raise SystemExit(f"strata: {path} is already served by another process")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if group is not None:
+        os.chown(path, -1, group)
+    sock.listen(128)
+    return sock
+
+
+def _socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def write_spec(spec_dir: str, name: str, socket_path: str) -> str:
+    os.makedirs(spec_dir, mode=0o755, exist_ok=True)
+    spec = os.path.join(spec_dir, f"{name}.spec")
+    tmp = spec + f".tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"unix://{socket_path}\n")
+    os.replace(tmp, spec)
+    return spec
+
+
+async def serve(config: ServeConfig) -> None:
+    manager = DriverManager(config.state_dir, config.backend, list(config.options))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, manager.load_persisted)
+    runner = web.AppRunner(build_app(manager), handle_signals=False, access_log=None)
+    await runner.setup()
+    inherited = listen_fds()
+    owned_socket = None
+    if inherited:
+        for sock in inherited:
+            await web.SockSite(runner, sock).start()
+        log.info("serving on %d socket(s) passed by the service manager", len(inherited))
+    else:
+        sock = bind_unix(config.socket_path, config.socket_mode, config.socket_group)
+        owned_socket = config.socket_path
+        await web.SockSite(runner, sock).start()
+        log.info("serving %s on %s (backend %s)", config.name, config.socket_path, config.backend)
+    spec = write_spec(config.spec_dir, config.name, config.socket_path) if config.spec_dir else None
+    notify("READY=1")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        notify("STOPPING=1")
+        log.info("shutting down")
+        await runner.cleanup()
+        for path in (spec, owned_socket):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

@@ -1,0 +1,156 @@
+"""Where layers live under Home, and how they appear and disappear atomically.
+
+Layout (Home is what GraphDriver.Init passed, ``<data-root>/<driver name>``)::
+
+    Home/layers/<id>/          a complete layer: the backend's files + meta.json
+    Home/staging/<id>.<rand>/  a layer being built; renamed into layers/ when done
+    Home/trash/<id>.<rand>/    a layer being deleted; renamed out of layers/ first
+
+A crash at any point leaves each id either absent or complete; ``reconcile``
+at start-up deletes whatever is left in staging/ and trash/.  Model:
+containerd overlay ``createSnapshot`` (a ``new-*`` temp dir renamed in place).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgspec
+
+from plugin.errors import AlreadyExists, InvalidArgument, NotFound
+from plugin.state.files import fsync_dir, write_atomic
+
+log = logging.getLogger("strata.state")
+
+# Docker's ids are 64 hex (+ "-init"), BuildKit's 25 [a-z0-9]; graphtest uses
+# names like "Base".  Anything that could form a path component other than a
+# plain name is refused before it touches the filesystem.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_ID_LEN = 128
+
+
+def validate_id(layer_id: str, what: str = "ID") -> str:
+    if not isinstance(layer_id, str) or not layer_id:
+        raise InvalidArgument(f"{what} is empty")
+    if len(layer_id) > MAX_ID_LEN:
+        raise InvalidArgument(f"{what} {layer_id[:40]!r}… is longer than {MAX_ID_LEN} characters")
+    if not _ID_RE.fullmatch(layer_id) or ".." in layer_id:
+        raise InvalidArgument(f"{what} {layer_id!r} is not a valid layer id "
+                              "(letters, digits, '_', '.', '-' only; no '/', '..' or NUL)")
+    return layer_id
+
+
+class LayerMeta(msgspec.Struct):
+    parent: str = ""
+    #: Set while ApplyDiff writes into the layer: a crash leaves it behind and
+    #: start-up removes the layer (dockerd never registered it).
+    applying: bool = False
+    extra: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class LayerStore:
+    """The layers of one Home: paths, metadata, staged create, staged remove."""
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+        self.layers_dir = os.path.join(home, "layers")
+        self.staging_dir = os.path.join(home, "staging")
+        self.trash_dir = os.path.join(home, "trash")
+        for d in (home, self.layers_dir, self.staging_dir, self.trash_dir):
+            os.makedirs(d, mode=0o710, exist_ok=True)
+
+    # ---- paths ---------------------------------------------------------------
+    def layer_dir(self, layer_id: str) -> str:
+        return os.path.join(self.layers_dir, validate_id(layer_id))
+
+    def exists(self, layer_id: str) -> bool:
+        return os.path.isdir(self.layer_dir(layer_id))
+
+    def require(self, layer_id: str, what: str = "layer") -> str:
+        path = self.layer_dir(layer_id)
+        if not os.path.isdir(path):
+            raise NotFound(f"{what} {layer_id} does not exist")
+        return path
+
+    def ids(self) -> list[str]:
+        return sorted(os.listdir(self.layers_dir))
+
+    # ---- metadata ------------------------------------------------------------
+    def read_meta(self, layer_id: str) -> LayerMeta:
+        path = os.path.join(self.require(layer_id), "meta.json")
+        try:
+            with open(path, "rb") as f:
+                return msgspec.json.decode(f.read(), type=LayerMeta)
+        except FileNotFoundError:
+            return LayerMeta()
+
+    def write_meta(self, layer_dir: str, meta: LayerMeta) -> None:
+        write_atomic(os.path.join(layer_dir, "meta.json"), msgspec.json.encode(meta))
+
+    # ---- staged create / remove ---------------------------------------------
+    @contextmanager
+    def staging(self, layer_id: str, meta: LayerMeta) -> Iterator[str]:
+        """Yield a fresh staging dir; on success it becomes ``layers/<id>``."""
+        final = self.layer_dir(layer_id)
+        if os.path.lexists(final):
+            raise AlreadyExists(f"layer {layer_id} already exists")
+        stage = os.path.join(self.staging_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
+        os.mkdir(stage, 0o710)
+        try:
+            self.write_meta(stage, meta)
+            yield stage
+            fsync_dir(stage)
+            try:
+                os.rename(stage, final)
+            except OSError as e:
+                if os.path.lexists(final):
+                    raise AlreadyExists(f"layer {layer_id} already exists") from e
+                raise
+            fsync_dir(self.layers_dir)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+    def remove(self, layer_id: str) -> bool:
+        """Rename the layer out of sight, then delete it. False if it was not there."""
+        final = self.layer_dir(layer_id)
+        doomed = os.path.join(self.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(final, doomed)
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.layers_dir)
+        remove_tree(doomed)
+        return True
+
+    def reconcile(self) -> list[str]:
+        """Delete staging and trash leftovers and half-applied layers; return what went."""
+        removed = []
+        for parent in (self.staging_dir, self.trash_dir):
+            for name in os.listdir(parent):
+                remove_tree(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+        for layer_id in self.ids():
+            if self.read_meta(layer_id).applying:
+                self.remove(layer_id)
+                removed.append(self.layer_dir(layer_id))
+        for path in removed:
+            log.info("reconcile: removed leftover %s", path)
+        return removed
+
+
+def remove_tree(path: str) -> None:
+    # Root deletes through any mode bits; a vanished entry is not an error
+    # (a concurrent reconcile may have taken it).
+    shutil.rmtree(path, onerror=_ignore_vanished)
+
+
+def _ignore_vanished(func: object, target: str, exc_info: object) -> None:
+    if os.path.lexists(target):
+        raise  # noqa: PLE0704 - re-raise the error being handled

@@ -1,0 +1,118 @@
+"""The file tree a container sees, as comparable data.
+
+``container_listing`` reads a running container's root from the host through
+``/proc/PID/root`` -- the same view whatever the storage driver -- so a tree
+served by strata can be compared entry by entry with the in-tree overlay2 one
+or with the directory the test image was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterable
+from typing import cast
+
+from tests.engine.harness import Dockerd, HarnessError, mount_points
+
+
+def container_pid(dockerd: Dockerd, container: str) -> int:
+    pid = int(dockerd.docker("inspect", "-f", "{{.State.Pid}}", container).stdout.strip())
+    if pid <= 0:
+        raise HarnessError(f"container {container} is not running (pid {pid})")
+    return pid
+
+
+def _xattrs(path: bytes) -> tuple[tuple[str, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return ()
+    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))
+
+
+def _sha256(path: bytes) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_listing(root: bytes, skip: Iterable[bytes] = ()) -> dict[bytes, dict[str, object]]:
+    """Every entry under ``root`` with the attributes a layer store must keep.
+
+    Keys are absolute paths inside the tree (bytes: names need not be UTF-8).
+    Directory sizes and mtimes are file-system details, not layer content, so
+    they are left out; regular files carry a content hash and whole-second mtime.
+    Hardlinks are recorded as the first path (sorted) of their inode group.
+    """
+    skip_set = set(skip)
+    raw: dict[bytes, os.stat_result] = {}
+    stack = [b"/"]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root + rel) as it:
+            for entry in it:
+                child = rel.rstrip(b"/") + b"/" + entry.name
+                if child in skip_set:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                raw[child] = st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(child)
+    groups: dict[tuple[int, int], bytes] = {}
+    for path in sorted(raw):
+        st = raw[path]
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            groups.setdefault((st.st_dev, st.st_ino), path)
+    listing: dict[bytes, dict[str, object]] = {}
+    for path, st in raw.items():
+        full = root + path
+        item: dict[str, object] = {
+            "mode": oct(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+            "xattrs": _xattrs(full),
+        }
+        if stat.S_ISREG(st.st_mode):
+            item.update(size=st.st_size, sha256=_sha256(full), mtime=int(st.st_mtime))
+        elif stat.S_ISLNK(st.st_mode):
+            item["target"] = os.readlink(full)
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            item["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            item["hardlink_group"] = groups[(st.st_dev, st.st_ino)]
+        listing[path] = item
+    return listing
+
+
+def container_listing(dockerd: Dockerd, container: str) -> dict[bytes, dict[str, object]]:
+    """The running container's root file system, read from the host via /proc/PID/root.
+
+    Mount points inside the container (proc, sys, dev, the /etc/hosts-style
+    bind mounts) are not layer content and are skipped with their subtrees.
+    """
+    pid = container_pid(dockerd, container)
+    skip = {os.fsencode(m) for m in mount_points(f"/proc/{pid}/mountinfo") if m != "/"}
+    return tree_listing(os.fsencode(f"/proc/{pid}/root"), skip)
+
+
+def xattrs_of(item: dict[str, object]) -> dict[str, bytes]:
+    pairs = cast("tuple[tuple[str, bytes], ...]", item["xattrs"])
+    return dict(pairs)
+
+
+def diff_listings(
+    a: dict[bytes, dict[str, object]], b: dict[bytes, dict[str, object]]
+) -> list[str]:
+    problems = []
+    for path in sorted(set(a) | set(b)):
+        if path not in a:
+            problems.append(f"only in second: {path!r} {b[path]}")
+        elif path not in b:
+            problems.append(f"only in first: {path!r} {a[path]}")
+        elif a[path] != b[path]:
+            problems.append(f"differs: {path!r}\n    first:  {a[path]}\n    second: {b[path]}")
+    return problems

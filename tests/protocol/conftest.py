@@ -1,0 +1,109 @@
+"""Protocol ring: the real aiohttp app on a real Unix socket, per backend.
+
+The server runs in the test's event loop so that the ``blockbuster`` fixture
+sees every call made on that loop: any blocking filesystem call from strata's
+code on the loop fails the test (aiohttp's own suite does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from aiohttp import web
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from plugin.driver import registry
+from plugin.driver.manager import DriverManager
+from plugin.errors import IncompatibleFS, NotSupported, Prerequisites
+from plugin.idtools import IDMappings
+from plugin.server.app import build_app
+from tests.protocol.client import DockerLikeClient
+
+BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]
+
+
+def backend_unavailable(name: str, home: str) -> str | None:
+    """Why ``name`` cannot run on ``home`` here, or None if it can."""
+    try:
+        registry.get_driver(name, home, [], IDMappings()).cleanup()
+    except (NotSupported, Prerequisites, IncompatibleFS) as e:
+        return f"backend {name} unavailable on this host: {e}"
+    return None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: str) -> str:
+    name: str = request.param
+    reason = backend_unavailable(name, os.path.join(str(tmp_path), "probe-home"))
+    if reason:
+        print(reason)
+        pytest.skip(reason)
+    return name
+
+
+@pytest.fixture
+def blockbuster() -> Iterator[BlockBuster]:
+    with blockbuster_ctx("plugin") as bb:
+        yield bb
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
+    path = tempfile.mkdtemp(prefix="sp-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class PluginUnderTest:
+    def __init__(self, backend: str, root: str, socket_path: str) -> None:
+        self.backend = backend
+        self.home = os.path.join(root, "home")
+        self.state_dir = os.path.join(root, "state")
+        self.socket_path = socket_path
+        self.runner: web.AppRunner | None = None
+        self.client = DockerLikeClient(socket_path)
+
+    async def start(self) -> None:
+        manager = DriverManager(self.state_dir, self.backend)
+        await asyncio.get_running_loop().run_in_executor(None, manager.load_persisted)
+        self.runner = web.AppRunner(build_app(manager), access_log=None)
+        await self.runner.setup()
+        await web.UnixSite(self.runner, self.socket_path).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def restart(self) -> None:
+        await self.client.close()
+        await self.stop()
+        self.client = DockerLikeClient(self.socket_path)
+        await self.start()
+
+    async def init(self) -> None:
+        await self.client.call("Plugin.Activate")
+        await self.client.call("GraphDriver.Init", {"Home": self.home, "Opts": None,
+                                                    "UIDMaps": None, "GIDMaps": None})
+
+
+@pytest.fixture
+async def plugin(backend: str, tmp_path: str, short_dir: str,
+                 blockbuster: BlockBuster) -> AsyncIterator[PluginUnderTest]:
+    put = PluginUnderTest(backend, str(tmp_path), os.path.join(short_dir, "p.sock"))
+    await put.start()
+    await put.init()
+    try:
+        yield put
+    finally:
+        try:
+            await put.client.call("GraphDriver.Cleanup", {})
+        finally:
+            await put.client.close()
+            await put.stop()

@@ -1,0 +1,281 @@
+"""The conformance suite, written once and run on every backend the host has.
+
+It covers what moby's ``daemon/graphdriver/graphtest`` checks (empty, base and
+snapshot layers, deep chains, diff-apply round trips, changes, sizes) through
+the socket, the way dockerd drives a plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat
+import tarfile
+import uuid
+
+import pytest
+
+from tests.protocol.client import PluginError
+from tests.protocol.conftest import PluginUnderTest
+
+pytestmark = pytest.mark.asyncio
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def write(path: str, data: bytes, mode: int = 0o644) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def test_activate_and_capabilities_shapes(plugin: PluginUnderTest) -> None:
+    status, body = await plugin.client.raw("Plugin.Activate", b"")
+    assert (status, body) == (200, b'{"Implements":["GraphDriver"]}')
+    status, body = await plugin.client.raw("GraphDriver.Capabilities", b"{}\n")
+    assert (status, body) == (200, b'{"Capabilities":{"ReproducesExactDiffs":false}}')
+    rows = (await plugin.client.call("GraphDriver.Status", {}))["Status"]
+    assert rows and all(len(r) == 2 and all(isinstance(v, str) for v in r) for r in rows)
+    assert ["Backend", plugin.backend] in rows
+
+
+async def test_success_replies_are_never_empty(plugin: PluginUnderTest) -> None:
+    layer = new_id()
+    for name, body in [("GraphDriver.Create", {"ID": layer}),
+                       ("GraphDriver.Put", {"ID": layer}),
+                       ("GraphDriver.Remove", {"ID": layer}),
+                       ("GraphDriver.Cleanup", {})]:
+        status, data = await plugin.client.raw(name, (str(body).replace("'", '"') + "\n").encode())
+        assert status == 200 and data == b"{}", (name, status, data)
+
+
+async def test_create_empty(plugin: PluginUnderTest) -> None:
+    c = plugin.client
+    await c.create("empty")
+    assert await c.exists("empty")
+    root = await c.get("empty")
+    st = os.lstat(root)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert os.listdir(root) == []
+    assert await c.get("empty") == root, "Get must return the same path every time"
+    await c.put("empty")
+    await c.put("empty")
+    await c.remove("empty")
+    assert not await c.exists("empty")
+
+
+async def make_base(c: "PluginUnderTest", layer: str) -> None:
+    await c.client.create(layer, rw=True)
+    root = await c.client.get(layer)
+    os.mkdir(os.path.join(root, "a subdir"))
+    os.chmod(os.path.join(root, "a subdir"), 0o705 | stat.S_ISVTX)
+    os.lchown(os.path.join(root, "a subdir"), 1, 2)
+    write(os.path.join(root, "a file"), b"Some data", 0o222 | stat.S_ISUID)
+    await c.client.put(layer)
+
+
+def check_base(root: str) -> None:
+    st = os.lstat(os.path.join(root, "a subdir"))
+    assert stat.S_IMODE(st.st_mode) == 0o705 | stat.S_ISVTX and (st.st_uid, st.st_gid) == (1, 2)
+    st = os.lstat(os.path.join(root, "a file"))
+    assert stat.S_IMODE(st.st_mode) == 0o222 | stat.S_ISUID
+    assert read(os.path.join(root, "a file")) == b"Some data"
+    assert sorted(os.listdir(root)) == ["a file", "a subdir"]
+
+
+async def test_create_base_and_snapshot(plugin: PluginUnderTest) -> None:
+    await make_base(plugin, "Base")
+    await plugin.client.create("Snap", "Base")
+    check_base(await plugin.client.get("Snap"))
+    await plugin.client.put("Snap")
+    for layer in ("Snap", "Base"):
+        await plugin.client.remove(layer)
+
+
+async def test_deep_layer_read(plugin: PluginUnderTest) -> None:
+    c, parent, chain = plugin.client, "", []
+    for depth in range(24):
+        layer = f"deep{depth}"
+        await c.create(layer, parent)
+        root = await c.get(layer)
+        write(os.path.join(root, f"file{depth}"), f"layer {depth}".encode())
+        await c.put(layer)
+        chain.append(layer)
+        parent = layer
+    top = await c.get(parent)
+    for depth in range(24):
+        assert read(os.path.join(top, f"file{depth}")) == f"layer {depth}".encode()
+    await c.put(parent)
+    for layer in reversed(chain):
+        await c.remove(layer)
+
+
+def add_many_files(root: str, count: int, seed: int) -> None:
+    for i in range(count):
+        write(os.path.join(root, f"directory-{i % 10}", f"file-{i}"),
+              (f"seed {seed} file {i} " * (seed + i % 7)).encode())
+
+
+async def test_diff_apply_round_trip(plugin: PluginUnderTest) -> None:
+    c = plugin.client
+    base, upper, applied = new_id(), new_id(), new_id()
+    await c.create(base)
+    root = await c.get(base)
+    add_many_files(root, 50, 3)
+    write(os.path.join(root, "file-remove.txt"), b"This file should get removed in upper!")
+    os.makedirs(os.path.join(root, "var/lib"))
+    await c.put(base)
+
+    await c.create(upper, base)
+    root = await c.get(upper)
+    add_many_files(root, 50, 6)
+    os.unlink(os.path.join(root, "file-remove.txt"))
+    os.rmdir(os.path.join(root, "var/lib"))
+    await c.put(upper)
+    diff_size = await c.diff_size(upper, "")
+
+    await c.create(applied, base)
+    tar = await c.diff(upper, base)
+    size = await c.apply_diff(applied, base, tar)
+    assert size == diff_size
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        names = tf.getnames()
+    assert "file-remove.txt" not in names and ".wh.file-remove.txt" in names
+    assert "var/.wh.lib" in names
+
+    root = await c.get(applied)
+    upper_root = await c.get(upper)
+    for i in range(50):
+        rel = os.path.join(f"directory-{i % 10}", f"file-{i}")
+        assert read(os.path.join(root, rel)) == read(os.path.join(upper_root, rel))
+    assert not os.path.lexists(os.path.join(root, "file-remove.txt"))
+    assert not os.path.lexists(os.path.join(root, "var/lib"))
+    assert os.path.isdir(os.path.join(root, "var"))
+    await c.put(applied)
+    await c.put(upper)
+
+
+async def test_changes(plugin: PluginUnderTest) -> None:
+    c = plugin.client
+    base, upper = new_id(), new_id()
+    await c.create(base)
+    root = await c.get(base)
+    add_many_files(root, 20, 3)
+    write(os.path.join(root, "victim"), b"bye")
+    await c.put(base)
+    await c.create(upper, base)
+    root = await c.get(upper)
+    expected = set()
+    for i in range(0, 20, 2):  # modify every other file
+        rel = f"directory-{i % 10}/file-{i}"
+        write(os.path.join(root, rel), b"changed!")
+        expected |= {(f"/directory-{i % 10}", 0), ("/" + rel, 0)}
+    write(os.path.join(root, "newdir/new"), b"new")
+    expected |= {("/newdir", 1), ("/newdir/new", 1)}
+    os.unlink(os.path.join(root, "victim"))
+    expected.add(("/victim", 2))
+    await c.put(upper)
+    found = await c.changes(upper, base)
+    assert set(found) == expected
+    assert len(found) == len(expected)
+    size = await c.diff_size(upper, base)
+    assert size == 10 * len(b"changed!") + len(b"new")
+
+
+async def test_commit_pattern_diff_streams_into_apply(plugin: PluginUnderTest) -> None:
+    """docker commit: Diff streams on one connection into ApplyDiff on another.
+
+    The payload is far larger than the socket buffers, so a server that
+    serialised requests or blocked its loop would deadlock here."""
+    c = plugin.client
+    base, container, committed = new_id(), new_id(), new_id()
+    await c.create(base)
+    await c.create(container, base, rw=True)
+    root = await c.get(container)
+    blob = os.urandom(1 << 20)
+    for i in range(24):
+        write(os.path.join(root, f"big/{i}"), blob[i:] + blob[:i])
+    await c.put(container)
+    await c.create(committed, base)
+    size = await asyncio.wait_for(
+        c.apply_diff(committed, base, c.diff_chunks(container, base)), timeout=120)
+    assert size == 24 * len(blob)
+    new_root = await c.get(committed)
+    assert read(os.path.join(new_root, "big/5")) == blob[5:] + blob[:5]
+    await c.put(committed)
+
+
+async def test_layer_survives_plugin_restart_without_init(plugin: PluginUnderTest) -> None:
+    await make_base(plugin, "Base")
+    root = await plugin.client.get("Base")
+    await plugin.restart()  # no Activate, no Init: dockerd never resends them
+    assert await plugin.client.exists("Base")
+    assert await plugin.client.get("Base") == root
+    check_base(root)
+    await plugin.client.put("Base")
+    await plugin.client.put("Base")
+
+
+async def test_remove_of_unknown_and_put_without_get_succeed(plugin: PluginUnderTest) -> None:
+    await plugin.client.remove(new_id())
+    await plugin.client.create("lonely")
+    await plugin.client.put("lonely")
+    await plugin.client.put("lonely")
+    assert await plugin.client.exists("lonely")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "..", "x\x00y", "", "a" * 300, "/abs"])
+async def test_invalid_ids_are_refused(plugin: PluginUnderTest, bad: str) -> None:
+    for call in (plugin.client.create(bad), plugin.client.get(bad), plugin.client.remove(bad)):
+        with pytest.raises(PluginError) as e:
+            await call
+        assert e.value.status == 400 and "ID" in e.value.err
+    assert not os.path.exists(os.path.join(os.path.dirname(plugin.home), "escape"))
+
+
+async def test_bad_requests_get_clear_errors(plugin: PluginUnderTest) -> None:
+    c = plugin.client
+    for payload in (b"", b"{not json", b'{"ID": 5}\n', b"[]"):
+        status, data = await c.raw("GraphDriver.Create", payload)
+        assert status == 400 and b'"Err":"' in data, (payload, status, data)
+    status, data = await c.raw("GraphDriver.NoSuchCall", b"{}\n")
+    assert status == 404 and b"Err" in data
+    status, data = await c.raw("GraphDriver.Get", b"", method="GET")
+    assert status == 405 and b"Err" in data
+    with pytest.raises(PluginError) as e:
+        await c.get("missing-layer")
+    assert "missing-layer" in e.value.err and e.value.status == 404
+    with pytest.raises(PluginError) as e:
+        await c.create("child", "missing-parent")
+    assert "missing-parent" in e.value.err
+    assert not await c.exists("child")
+    await c.create("twice")
+    with pytest.raises(PluginError) as e:
+        await c.create("twice")
+    assert "twice" in e.value.err and await c.exists("twice")
+
+
+async def test_diff_of_missing_layer_is_not_200(plugin: PluginUnderTest) -> None:
+    with pytest.raises(PluginError) as e:
+        await plugin.client.diff("missing-layer")
+    assert e.value.status == 404 and "missing-layer" in e.value.err
+
+
+async def test_bad_tar_leaves_earlier_layers_intact(plugin: PluginUnderTest) -> None:
+    await make_base(plugin, "Base")
+    await plugin.client.create("broken", "Base")
+    with pytest.raises(PluginError) as e:
+        await plugin.client.apply_diff("broken", "Base", b"this is not a tar archive" * 100)
+    assert e.value.err
+    check_base(await plugin.client.get("Base"))
+    await plugin.client.put("Base")

@@ -1,0 +1,169 @@
+"""changes() / changes_size() against docker's ChangesDirs semantics (protocol.md §6.6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_archive_util import CAP_V2, read_all, tar_members
+
+from plugin.archive import Change, ChangeKind, changes, changes_size, export_changes
+from plugin.idtools import IDMappings
+
+A, C, D = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE
+
+
+def _reference_trees(tmp_path: Path) -> tuple[Path, Path]:
+    old = tmp_path / "old"
+    (old / "etc").mkdir(parents=True)
+    (old / "opt" / "dir1").mkdir(parents=True)
+    (old / "opt" / "dir1" / "inner").write_text("gone\n")
+    (old / "etc" / "motd").write_text("hello\n")
+    os.link(old / "etc" / "motd", old / "etc" / "motd.hl")
+    (old / "etc" / "victim").write_text("bye\n")
+    (old / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")  # 30 bytes
+    new = tmp_path / "new"
+    # A vfs layer starts as a metadata-preserving copy of its parent.
+    subprocess.run(["cp", "-a", str(old), str(new)], check=True)
+    etc = new / "etc"
+    (etc / "newfile").write_text("new\n")
+    (etc / "victim").unlink()
+    (etc / "motd").write_text("changed\n")
+    os.link(etc / "passwd", etc / "passwd.hl")
+    subprocess.run(["rm", "-rf", str(new / "opt" / "dir1")], check=True)
+    (new / "opt" / "dir2").mkdir()
+    (new / "var" / "lib" / "x").mkdir(parents=True)
+    (new / "var" / "lib" / "x" / "f").write_text("y\n")
+    return new, old
+
+
+REFERENCE = [  # docker 20.10.24 output, in its (map-random) order
+    (C, "/opt"), (A, "/opt/dir2"), (D, "/opt/dir1"), (C, "/etc"), (C, "/etc/motd"),
+    (C, "/etc/motd.hl"), (A, "/etc/newfile"), (A, "/etc/passwd.hl"), (D, "/etc/victim"),
+    (A, "/var"), (A, "/var/lib"), (A, "/var/lib/x"), (A, "/var/lib/x/f"),
+]
+
+
+def test_reference_example_matches_docker(tmp_path: Path) -> None:
+    new, old = _reference_trees(tmp_path)
+    got = changes(str(new), str(old))
+    assert sorted((c.kind, c.path) for c in got) == sorted(REFERENCE)
+    # Our order is deterministic: children by name, deletions after the rest.
+    assert [(c.kind, c.path) for c in got] == [
+        (C, "/etc"), (C, "/etc/motd"), (C, "/etc/motd.hl"), (A, "/etc/newfile"),
+        (A, "/etc/passwd.hl"), (D, "/etc/victim"), (C, "/opt"), (A, "/opt/dir2"),
+        (D, "/opt/dir1"), (A, "/var"), (A, "/var/lib"), (A, "/var/lib/x"), (A, "/var/lib/x/f"),
+    ]
+    assert changes_size(str(new), got) == 44  # 8 + 4 + 30 + 2, motd inode once
+
+
+def test_reference_example_export_tar(tmp_path: Path) -> None:
+    new, old = _reference_trees(tmp_path)
+    data = read_all(export_changes(str(new), changes(str(new), str(old)), IDMappings()))
+    members = tar_members(data)
+    names = [m.name + ("/" if m.isdir() else "") for m in members]
+    assert names == ["etc/", "etc/motd", "etc/motd.hl", "etc/newfile", "etc/passwd.hl",
+                     "etc/.wh.victim", "opt/", "opt/.wh.dir1", "opt/dir2/", "var/",
+                     "var/lib/", "var/lib/x/", "var/lib/x/f"]
+    by_name = {m.name: m for m in members}
+    assert by_name["etc/motd.hl"].islnk() and by_name["etc/motd.hl"].linkname == "etc/motd"
+    assert by_name["etc/passwd.hl"].isreg() and by_name["etc/passwd.hl"].size == 30
+    wh = by_name["etc/.wh.victim"]
+    assert (wh.mode, wh.uid, wh.gid, wh.size, wh.type) == (0, 0, 0, 0, b"0")
+    # Docker's mode field carries the type bits.
+    assert data[100:108] == b"0040755\0"
+
+
+def test_dir_modify_precedes_its_children(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root in (old, new):
+        (root / "a" / "b").mkdir(parents=True)
+    (new / "a" / "b" / "f").write_text("x")
+    got = changes(str(new), str(old))
+    assert got == [Change("/a", C), Change("/a/b", C), Change("/a/b/f", A)]
+
+
+def test_changed_dir_is_listed_once(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root in (old, new):
+        (root / "d").mkdir(parents=True)
+    os.chmod(new / "d", 0o700)
+    (new / "d" / "f").write_text("x")
+    assert changes(str(new), str(old)) == [Change("/d", C), Change("/d/f", A)]
+
+
+def test_no_old_root_means_everything_added(tmp_path: Path) -> None:
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "f").write_text("x")
+    (tmp_path / "z").symlink_to("d")
+    assert changes(str(tmp_path), None) == [
+        Change("/d", A), Change("/d/e", A), Change("/d/e/f", A), Change("/z", A)]
+
+
+def test_mtime_precision_rule_and_dir_mtime_ignored(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root in (old, new):
+        (root / "d").mkdir(parents=True)
+        for name in ("same_sec", "zero_ns", "diff_ns", "diff_sec"):
+            (root / name).write_text("x")
+    base = 1_600_000_000 * 10**9
+    times = {"same_sec": (base + 5, base + 5), "zero_ns": (base + 7, base),
+             "diff_ns": (base + 7, base + 9), "diff_sec": (base, base + 10**9)}
+    for name, (o, n) in times.items():
+        os.utime(old / name, ns=(o, o))
+        os.utime(new / name, ns=(n, n))
+    os.utime(new / "d", ns=(base, base + 5 * 10**9))
+    got = changes(str(new), str(old))
+    assert got == [Change("/diff_ns", C), Change("/diff_sec", C)]
+
+
+def test_capability_difference_is_a_change(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root in (old, new):
+        root.mkdir()
+        (root / "ping").write_text("x")
+        os.utime(root / "ping", (1, 1))
+    os.setxattr(new / "ping", "security.capability", CAP_V2)
+    assert changes(str(new), str(old)) == [Change("/ping", C)]
+
+
+def test_type_changes(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "was_dir").mkdir(parents=True)
+    (old / "was_dir" / "child").write_text("x")
+    (old / "was_file").write_text("x")
+    new.mkdir()
+    (new / "was_dir").write_text("now a file")
+    (new / "was_file").mkdir()
+    (new / "was_file" / "child").write_text("x")
+    assert changes(str(new), str(old)) == [
+        Change("/was_dir", C), Change("/was_file", C), Change("/was_file/child", A)]
+
+
+def test_same_inode_is_skipped(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    (old / "shared").write_text("x")
+    os.link(old / "shared", new / "shared")
+    os.chmod(new / "shared", 0o600)  # same inode: both sides see it
+    assert changes(str(new), str(old)) == []
+
+
+def test_changes_size_counts_hardlinked_inode_once(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x" * 100)
+    os.link(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "c").write_bytes(b"y" * 7)
+    (tmp_path / "d").mkdir()
+    got = [Change("/a", A), Change("/b", A), Change("/c", C), Change("/d", A),
+           Change("/gone", D), Change("/missing", A)]
+    assert changes_size(str(tmp_path), got) == 107
+
+
+def test_missing_root_is_an_error(tmp_path: Path) -> None:
+    from plugin.errors import NotFound
+
+    with pytest.raises(NotFound):
+        changes(str(tmp_path / "nope"), None)

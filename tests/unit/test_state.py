@@ -1,0 +1,102 @@
+"""Unit ring: ID validation, staged layers, reference counts, the persisted Init."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from plugin.errors import AlreadyExists, InvalidArgument, NotFound
+from plugin.idtools import IDMap
+from plugin.state.config import InitRecord, load_init, save_init
+from plugin.state.layers import LayerMeta, LayerStore, validate_id
+from plugin.state.refcount import RefCounter
+
+
+@pytest.mark.parametrize("good", ["a" * 64, "a" * 64 + "-init", "kipvlst7kjta6hpv1j1wqnvyc",
+                                  "Base", "v1.2_x-y"])
+def test_valid_ids(good: str) -> None:
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", "/abs", "a\x00b", "x..y",
+                                 "-lead", "a" * 129, "sp ace", "new\nline", "é"])
+def test_invalid_ids(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        validate_id(bad)
+
+
+def test_staged_create_is_atomic(tmp_path: str) -> None:
+    store = LayerStore(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with store.staging("L1", LayerMeta()) as stage:
+            open(os.path.join(stage, "half"), "w").close()
+            assert not store.exists("L1")
+            raise RuntimeError("crash while building")
+    assert not store.exists("L1") and os.listdir(store.staging_dir) == []
+    with store.staging("L1", LayerMeta(parent="P")) as stage:
+        open(os.path.join(stage, "full"), "w").close()
+    assert store.exists("L1") and store.read_meta("L1").parent == "P"
+    with pytest.raises(AlreadyExists):
+        with store.staging("L1", LayerMeta()):
+            pass
+    assert os.path.exists(os.path.join(store.layer_dir("L1"), "full"))
+
+
+def test_remove_and_reconcile(tmp_path: str) -> None:
+    store = LayerStore(str(tmp_path))
+    with store.staging("L1", LayerMeta()):
+        pass
+    assert store.remove("L1") and not store.exists("L1")
+    assert not store.remove("L1")
+    with pytest.raises(NotFound):
+        store.require("L1")
+    # debris as a crash would leave it: a half staged layer, a half deleted one,
+    # and a layer whose ApplyDiff never finished
+    os.makedirs(os.path.join(store.staging_dir, "L2.abc/root"))
+    os.makedirs(os.path.join(store.trash_dir, "L3.def/root"))
+    with store.staging("L4", LayerMeta(applying=True)):
+        pass
+    with store.staging("L5", LayerMeta()):
+        pass
+    removed = LayerStore(str(tmp_path)).reconcile()
+    assert len(removed) == 3
+    assert os.listdir(store.staging_dir) == [] and os.listdir(store.trash_dir) == []
+    assert store.ids() == ["L5"]
+
+
+def test_refcounts_mount_once_clamp_and_persist(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    events: list[str] = []
+    assert refs.get("a", lambda: events.append("mount")) == 1
+    assert refs.get("a", lambda: events.append("mount")) == 2
+    assert events == ["mount"]
+    assert RefCounter(path).count("a") == 2  # survives a restart
+    assert refs.put("a", lambda: events.append("umount")) == 1
+    assert refs.put("a", lambda: events.append("umount")) == 0
+    assert refs.put("a", lambda: events.append("umount")) == 0  # unbalanced Put: clamped
+    assert events == ["mount", "umount", "umount"]
+    assert json.load(open(path)) == {}
+
+
+def test_refcount_reconcile_with_mounts(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    refs.get("gone", lambda: None)
+    refs.get("kept", lambda: None)
+    refs.get("kept", lambda: None)
+    again = RefCounter(path)
+    again.reconcile(["kept", "stray"], needs_mount=True)
+    assert again.active() == {"kept": 2, "stray": 1}
+
+
+def test_init_record_round_trip(tmp_path: str) -> None:
+    assert load_init(str(tmp_path)) is None
+    record = InitRecord(home="/h", options=["a=b"], uid_maps=[(0, 1000, 10)], gid_maps=[],
+                        backend="vfs")
+    save_init(str(tmp_path), record)
+    loaded = load_init(str(tmp_path))
+    assert loaded == record
+    assert loaded is not None and loaded.idmap.uids == (IDMap(0, 1000, 10),)
