@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgspec
 
 from plugin.idtools import IDMappings
 from plugin.state.layers import LayerStore
@@ -36,3 +40,11 @@ class RefCountedStore:
 
     def exists(self, layer_id: str) -> bool:
         return self.store.exists(layer_id)
+
+    @contextmanager
+    def applying(self, layer_id: str) -> Iterator[None]:
+        layer_dir = self.store.require(layer_id)
+        meta = self.store.read_meta(layer_id)
+        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=True))
+        yield
+        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=False))

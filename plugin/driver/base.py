@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
@@ -99,6 +100,11 @@ class ProtoDriver(ABC):
 
     def capabilities(self) -> Capabilities:
         return Capabilities()
+
+    def applying(self, layer_id: str) -> AbstractContextManager[None]:
+        """Mark ``layer_id`` incomplete while a diff is applied to it, so that a
+        crash mid-apply leaves a layer start-up removes rather than a half one."""
+        return nullcontext()
 
 
 class Driver(ProtoDriver):

@@ -7,10 +7,19 @@ backend; a backend with a cheaper native diff overrides it.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import BinaryIO
 
-from plugin.archive import ApplyOptions, Change, TarStream, apply_layer, changes, changes_size
-from plugin.archive import export_changes, export_tree
+from plugin.archive import (
+    ApplyOptions,
+    Change,
+    TarStream,
+    apply_layer,
+    changes,
+    changes_size,
+    export_changes,
+    export_tree,
+)
 from plugin.driver.base import Capabilities, CreateOpts, Driver, ProtoDriver
 from plugin.idtools import IDMappings
 
@@ -73,6 +82,9 @@ class NaiveDiffDriver(Driver):
     def capabilities(self) -> Capabilities:
         return self.proto.capabilities()
 
+    def applying(self, layer_id: str) -> AbstractContextManager[None]:
+        return self.proto.applying(layer_id)
+
     # ---- the diff calls ----------------------------------------------------
     def diff(self, layer_id: str, parent: str) -> TarStream:
         held: list[tuple[ProtoDriver, str]] = []
@@ -106,7 +118,8 @@ class NaiveDiffDriver(Driver):
     def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
         root = self.proto.get(layer_id, "")
         try:
-            return apply_layer(root, stream, ApplyOptions(idmap=self.idmap))
+            with self.proto.applying(layer_id):
+                return apply_layer(root, stream, ApplyOptions(idmap=self.idmap))
         finally:
             self.proto.put(layer_id)
 

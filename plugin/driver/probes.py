@@ -40,7 +40,7 @@ def fs_magic(path: str) -> int:
     if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
-    return buf.f_type & 0xFFFFFFFF
+    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def fs_name(path: str) -> str:

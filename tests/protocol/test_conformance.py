@@ -13,6 +13,7 @@ import os
 import stat
 import tarfile
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -74,7 +75,7 @@ async def test_create_empty(plugin: PluginUnderTest) -> None:
     assert not await c.exists("empty")
 
 
-async def make_base(c: "PluginUnderTest", layer: str) -> None:
+async def make_base(c: PluginUnderTest, layer: str) -> None:
     await c.client.create(layer, rw=True)
     root = await c.client.get(layer)
     os.mkdir(os.path.join(root, "a subdir"))
@@ -279,3 +280,32 @@ async def test_bad_tar_leaves_earlier_layers_intact(plugin: PluginUnderTest) -> 
     assert e.value.err
     check_base(await plugin.client.get("Base"))
     await plugin.client.put("Base")
+
+
+async def test_half_applied_layer_is_gone_after_restart(plugin: PluginUnderTest) -> None:
+    """dockerd drops an ApplyDiff when its source fails mid-stream; if strata
+    restarts before dockerd's Remove arrives, the half layer must not survive."""
+    c = plugin.client
+    await make_base(plugin, "Base")
+    await c.create("half", "Base")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("big")
+        info.size = 8 << 20
+        tf.addfile(info, io.BytesIO(b"x" * info.size))
+    tar = buf.getvalue()
+
+    async def dies_midway() -> AsyncIterator[bytes]:
+        yield tar[: 1 << 20]
+        await asyncio.sleep(0.2)
+        raise ConnectionResetError("source went away")
+
+    with pytest.raises(Exception):  # noqa: B017 - any transport error is the point
+        await c.apply_diff("half", "Base", dies_midway())
+    await asyncio.sleep(0.5)
+    await plugin.restart()
+    assert not await plugin.client.exists("half")
+    assert await plugin.client.exists("Base")
+    check_base(await plugin.client.get("Base"))
+    await plugin.client.put("Base")
+

@@ -29,18 +29,16 @@ def test_invalid_ids(bad: str) -> None:
 
 def test_staged_create_is_atomic(tmp_path: str) -> None:
     store = LayerStore(str(tmp_path))
-    with pytest.raises(RuntimeError):
-        with store.staging("L1", LayerMeta()) as stage:
-            open(os.path.join(stage, "half"), "w").close()
-            assert not store.exists("L1")
-            raise RuntimeError("crash while building")
+    with pytest.raises(RuntimeError), store.staging("L1", LayerMeta()) as stage:
+        open(os.path.join(stage, "half"), "w").close()
+        assert not store.exists("L1")
+        raise RuntimeError("crash while building")
     assert not store.exists("L1") and os.listdir(store.staging_dir) == []
     with store.staging("L1", LayerMeta(parent="P")) as stage:
         open(os.path.join(stage, "full"), "w").close()
     assert store.exists("L1") and store.read_meta("L1").parent == "P"
-    with pytest.raises(AlreadyExists):
-        with store.staging("L1", LayerMeta()):
-            pass
+    with pytest.raises(AlreadyExists), store.staging("L1", LayerMeta()):
+        pass
     assert os.path.exists(os.path.join(store.layer_dir("L1"), "full"))
 
 
@@ -78,7 +76,8 @@ def test_refcounts_mount_once_clamp_and_persist(tmp_path: str) -> None:
     assert refs.put("a", lambda: events.append("umount")) == 0
     assert refs.put("a", lambda: events.append("umount")) == 0  # unbalanced Put: clamped
     assert events == ["mount", "umount", "umount"]
-    assert json.load(open(path)) == {}
+    with open(path) as f:
+        assert json.load(f) == {}
 
 
 def test_refcount_reconcile_with_mounts(tmp_path: str) -> None:
