@@ -309,3 +309,14 @@ async def test_half_applied_layer_is_gone_after_restart(plugin: PluginUnderTest)
     check_base(await plugin.client.get("Base"))
     await plugin.client.put("Base")
 
+
+
+async def test_the_loop_guard_catches_blocking_calls(plugin: PluginUnderTest) -> None:
+    """The blockbuster fixture must really fail strata code that blocks the loop,
+    or every passing test above proves nothing about the event loop."""
+    from blockbuster import BlockingError
+
+    from plugin.driver.probes import fs_name
+
+    with pytest.raises(BlockingError):
+        fs_name(plugin.home)  # stat(2) of Home, on the loop
