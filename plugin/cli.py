@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "is in /run/docker/plugins, which dockerd scans itself)")
     serve.add_argument("--storage-opt", action="append", default=[],
                        help="backend option key=value (Docker's prefixes: vfs., overlay2., …)")
+    serve.add_argument("--deadline", type=float, default=float(_env("deadline", "600") or 600),
+                       help="seconds a backend call may take before dockerd gets an Err "
+                            "(0 = wait forever, as dockerd itself does; default 600)")
     serve.add_argument("--log-level", default=_env("log-level", "info"),
                        choices=["debug", "info", "warning", "error"])
 
@@ -82,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir or os.path.join("/var/lib/strata", name),
         spec_dir=args.spec_dir,
         options=tuple(args.storage_opt),
+        deadline=args.deadline,
     )
     try:
         import uvloop  # type: ignore[import-not-found]

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import msgspec
 
+from plugin.faults import fault_point
 from plugin.idtools import IDMappings
 from plugin.state.layers import LayerStore
 from plugin.state.refcount import RefCounter
@@ -47,4 +48,5 @@ class RefCountedStore:
         meta = self.store.read_meta(layer_id)
         self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=True))
         yield
+        fault_point("apply.done")
         self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=False))

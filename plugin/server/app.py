@@ -24,7 +24,7 @@ from aiohttp import web
 
 from plugin.driver.base import CreateOpts, Driver
 from plugin.driver.manager import DriverManager
-from plugin.errors import InvalidArgument, StrataError
+from plugin.errors import DeadlineExceeded, InvalidArgument, StrataError
 from plugin.idtools import IDMap
 from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader
@@ -33,6 +33,8 @@ log = logging.getLogger("strata.server")
 
 MANAGER = web.AppKey("manager", DriverManager)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+#: Seconds a backend call may take before the caller gets an Err (0 = none).
+DEADLINE = web.AppKey("deadline", float)
 #: The layer id (or Home) a request is about, for the one log line per call.
 LAYER_ID = web.RequestKey("layer_id", str)
 
@@ -78,10 +80,26 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 (time.monotonic() - started) * 1000, outcome)
 
 
-async def run(request: web.Request, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run blocking driver work in the worker pool."""
+async def run(request: web.Request, fn: Callable[..., Any], *args: Any,
+              deadline: bool = True) -> Any:
+    """Run blocking driver work in the worker pool, within the call deadline.
+
+    dockerd gives legacy plugins no timeout at all (protocol §2.3): a stuck
+    mount would hang the daemon.  Past the deadline the caller gets an Err;
+    the worker thread cannot be cancelled and finishes (or stays stuck) on its
+    own, holding the per-layer lock, so later calls on that layer time out too.
+    """
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app[EXECUTOR], fn, *args)
+    work = loop.run_in_executor(request.app[EXECUTOR], fn, *args)
+    limit = request.app[DEADLINE]
+    if not deadline or limit <= 0:
+        return await work
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), limit)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"{op_name(request)} {request.get(LAYER_ID, '')}: the backend did not answer "
+            f"within {limit:g}s (still running; see the plugin log)") from None
 
 
 async def decode(request: web.Request, kind: type[Req]) -> Req:
@@ -221,7 +239,9 @@ async def apply_diff(request: web.Request) -> web.Response:
     request[LAYER_ID] = layer_id
     reader = BodyReader(request.content, asyncio.get_running_loop())
     try:
-        size = await run(request, driver_of(request).apply_diff, layer_id, parent, reader)
+        # No deadline: the time is the sender's (a commit streams a Diff in).
+        size = await run(request, driver_of(request).apply_diff, layer_id, parent, reader,
+                         deadline=False)
     finally:
         # dockerd hashes every byte it sends; leave nothing unread (protocol §6.1).
         while await request.content.read(CHUNK):
@@ -249,9 +269,11 @@ ROUTES: dict[str, Handler] = {
 }
 
 
-def build_app(manager: DriverManager, workers: int = 32) -> web.Application:
+def build_app(manager: DriverManager, workers: int = 32,
+              deadline: float = 600.0) -> web.Application:
     app = web.Application(middlewares=[errors_middleware])
     app[MANAGER] = manager
+    app[DEADLINE] = deadline
 
     async def executor_ctx(app: web.Application) -> Any:
         # Diff and ApplyDiff each hold a worker for as long as they stream, so

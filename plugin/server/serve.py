@@ -29,6 +29,7 @@ class ServeConfig:
     state_dir: str
     spec_dir: str | None
     options: tuple[str, ...] = ()
+    deadline: float = 600.0
 
 
 def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
@@ -73,7 +74,8 @@ async def serve(config: ServeConfig) -> None:
     manager = DriverManager(config.state_dir, config.backend, list(config.options))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, manager.load_persisted)
-    runner = web.AppRunner(build_app(manager), handle_signals=False, access_log=None)
+    runner = web.AppRunner(build_app(manager, deadline=config.deadline), handle_signals=False,
+                           access_log=None)
     await runner.setup()
     inherited = listen_fds()
     owned_socket = None

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 import msgspec
 
 from plugin.errors import AlreadyExists, InvalidArgument, NotFound
+from plugin.faults import fault_point
 from plugin.state.files import fsync_dir, write_atomic
 
 log = logging.getLogger("strata.state")
@@ -106,6 +107,7 @@ class LayerStore:
             self.write_meta(stage, meta)
             yield stage
             fsync_dir(stage)
+            fault_point("create.staged")
             try:
                 os.rename(stage, final)
             except OSError as e:
@@ -113,6 +115,7 @@ class LayerStore:
                     raise AlreadyExists(f"layer {layer_id} already exists") from e
                 raise
             fsync_dir(self.layers_dir)
+            fault_point("create.renamed")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
@@ -126,6 +129,7 @@ class LayerStore:
         except FileNotFoundError:
             return False
         fsync_dir(self.layers_dir)
+        fault_point("remove.renamed")
         remove_tree(doomed)
         return True
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
+from plugin.faults import fault_point
 from plugin.state.files import write_atomic
 
 log = logging.getLogger("strata.state")
@@ -52,6 +53,7 @@ class RefCounter:
         """Count one Get; run ``activate`` (mount) on the first."""
         with self.lock(layer_id):
             current = self._counts.get(layer_id, 0)
+            fault_point("get")
             if current == 0:
                 activate()
             self._set(layer_id, current + 1)
@@ -61,6 +63,7 @@ class RefCounter:
         """Count one Put; run ``deactivate`` (unmount) when the count reaches 0."""
         with self.lock(layer_id):
             current = self._counts.get(layer_id, 0)
+            fault_point("put")
             if current <= 1:
                 deactivate()
                 self._set(layer_id, 0)

@@ -405,6 +405,7 @@ class Plugin:
     state_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> Path:
@@ -431,6 +432,7 @@ class Plugin:
     def start(self, timeout: float = 30.0) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== harness: start {' '.join(self.argv())}\n".encode())
             log.flush()

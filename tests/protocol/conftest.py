@@ -22,6 +22,7 @@ from plugin.driver.manager import DriverManager
 from plugin.errors import IncompatibleFS, NotSupported, Prerequisites
 from plugin.idtools import IDMappings
 from plugin.server.app import build_app
+from tests.backends import btrfs_fs, home_for, zfs_pool  # noqa: F401 (fixtures)
 from tests.protocol.client import DockerLikeClient
 
 BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]
@@ -39,7 +40,9 @@ def backend_unavailable(name: str, home: str) -> str | None:
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: str) -> str:
     name: str = request.param
-    reason = backend_unavailable(name, os.path.join(str(tmp_path), "probe-home"))
+    # btrfs and zfs get a Home on their own filesystem (tests/backends.py)
+    root = home_for(request, name, str(tmp_path))
+    reason = backend_unavailable(name, os.path.join(root, "probe-home"))
     if reason:
         print(reason)
         pytest.skip(reason)
@@ -67,12 +70,13 @@ class PluginUnderTest:
         self.state_dir = os.path.join(root, "state")
         self.socket_path = socket_path
         self.runner: web.AppRunner | None = None
+        self.deadline = 600.0
         self.client = DockerLikeClient(socket_path)
 
     async def start(self) -> None:
         manager = DriverManager(self.state_dir, self.backend)
         await asyncio.get_running_loop().run_in_executor(None, manager.load_persisted)
-        self.runner = web.AppRunner(build_app(manager), access_log=None)
+        self.runner = web.AppRunner(build_app(manager, deadline=self.deadline), access_log=None)
         await self.runner.setup()
         await web.UnixSite(self.runner, self.socket_path).start()
 
@@ -94,9 +98,10 @@ class PluginUnderTest:
 
 
 @pytest.fixture
-async def plugin(backend: str, tmp_path: str, short_dir: str,
-                 blockbuster: BlockBuster) -> AsyncIterator[PluginUnderTest]:
-    put = PluginUnderTest(backend, str(tmp_path), os.path.join(short_dir, "p.sock"))
+async def plugin(backend: str, tmp_path: str, short_dir: str, blockbuster: BlockBuster,
+                 request: pytest.FixtureRequest) -> AsyncIterator[PluginUnderTest]:
+    root = home_for(request, backend, str(tmp_path))
+    put = PluginUnderTest(backend, root, os.path.join(short_dir, "p.sock"))
     await put.start()
     await put.init()
     try:

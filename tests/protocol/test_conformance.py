@@ -320,3 +320,22 @@ async def test_the_loop_guard_catches_blocking_calls(plugin: PluginUnderTest) ->
 
     with pytest.raises(BlockingError):
         fs_name(plugin.home)  # stat(2) of Home, on the loop
+
+
+async def test_a_stuck_backend_call_becomes_an_err(plugin: PluginUnderTest,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stuck mount must not hang dockerd (which waits forever on legacy plugins)."""
+    from plugin import faults
+
+    plugin.deadline = 0.5
+    await plugin.restart()
+    await plugin.client.create("stuck")
+    monkeypatch.setitem(faults._FAULTS, "get", "sleep:3")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(PluginError) as e:
+        await plugin.client.get("stuck")
+    assert e.value.status == 504 and "stuck" in e.value.err and "0.5s" in e.value.err
+    assert asyncio.get_running_loop().time() - started < 2.5
+    assert await plugin.client.exists("stuck")  # the server keeps serving meanwhile
+    monkeypatch.delitem(faults._FAULTS, "get")
+    await asyncio.sleep(3)  # let the stuck worker finish before teardown
