@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import tarfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
