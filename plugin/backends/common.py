@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import msgspec
 
+from plugin.errors import InvalidArgument
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
 from plugin.state.layers import LayerStore
@@ -38,6 +39,14 @@ class RefCountedStore:
     @staticmethod
     def root_of(layer_dir: str) -> str:
         return os.path.join(layer_dir, "root")
+
+    def layer_root(self, layer_id: str, what: str = "layer") -> str:
+        """The existing layer's root dir, refusing symlinks at every step under Home."""
+        root = self.root_of(self.store.require(layer_id, what))
+        if os.path.islink(root) or not os.path.isdir(root):
+            raise InvalidArgument(f"{what} {layer_id}: {root} is not a directory (a symlink "
+                                  "or damage under Home); refusing to use it")
+        return root
 
     def exists(self, layer_id: str) -> bool:
         return self.store.exists(layer_id)

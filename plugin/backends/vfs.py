@@ -50,7 +50,7 @@ class VfsDriver(RefCountedStore, ProtoDriver):
                 f"layer {layer_id}: vfs cannot apply storage options "
                 f"{', '.join(sorted(opts.storage_opt))}: per-layer size limits need "
                 "project quotas, which this host's kernel lacks (use the btrfs backend)")
-        parent_root = self.root_of(self.store.require(parent, "parent layer")) if parent else ""
+        parent_root = self.layer_root(parent, "parent layer") if parent else ""
         with self.store.staging(layer_id, LayerMeta(parent=parent)) as stage:
             root = self.root_of(stage)
             if parent_root:
@@ -62,7 +62,7 @@ class VfsDriver(RefCountedStore, ProtoDriver):
         log.debug("created %s (parent %s)", layer_id, parent or "-")
 
     def get(self, layer_id: str, mount_label: str) -> str:
-        root = self.root_of(self.store.require(layer_id))
+        root = self.layer_root(layer_id)
         self.refs.get(layer_id, lambda: None)
         return root
 
@@ -79,7 +79,7 @@ class VfsDriver(RefCountedStore, ProtoDriver):
                 ("Layers", str(len(self.store.ids()))), ("Copy", "cp -a --reflink=auto")]
 
     def metadata(self, layer_id: str) -> dict[str, str]:
-        return {"Dir": self.root_of(self.store.require(layer_id))}
+        return {"Dir": self.layer_root(layer_id)}
 
     def cleanup(self) -> None:
         pass

@@ -13,10 +13,12 @@ containerd overlay ``createSnapshot`` (a ``new-*`` temp dir renamed in place).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,11 +73,15 @@ class LayerStore:
         return os.path.join(self.layers_dir, validate_id(layer_id))
 
     def exists(self, layer_id: str) -> bool:
-        return os.path.isdir(self.layer_dir(layer_id))
+        return _is_real_dir(self.layer_dir(layer_id))
 
     def require(self, layer_id: str, what: str = "layer") -> str:
+        """The layer's directory; never a symlink (one planted under Home could
+        otherwise lead Get, ApplyDiff or Remove out of Home)."""
         path = self.layer_dir(layer_id)
-        if not os.path.isdir(path):
+        if not _is_real_dir(path):
+            if os.path.islink(path):
+                raise InvalidArgument(f"{what} {layer_id}: {path} is a symlink, refusing to follow it")
             raise NotFound(f"{what} {layer_id} does not exist")
         return path
 
@@ -149,9 +155,21 @@ class LayerStore:
         return removed
 
 
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def remove_tree(path: str) -> None:
     # Root deletes through any mode bits; a vanished entry is not an error
-    # (a concurrent reconcile may have taken it).
+    # (a concurrent reconcile may have taken it).  A symlink is unlinked, never
+    # followed.
+    if not _is_real_dir(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
     shutil.rmtree(path, onerror=_ignore_vanished)
 
 

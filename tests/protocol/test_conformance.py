@@ -339,3 +339,19 @@ async def test_a_stuck_backend_call_becomes_an_err(plugin: PluginUnderTest,
     assert await plugin.client.exists("stuck")  # the server keeps serving meanwhile
     monkeypatch.delitem(faults._FAULTS, "get")
     await asyncio.sleep(3)  # let the stuck worker finish before teardown
+
+
+async def test_a_symlink_planted_under_home_is_never_followed(plugin: PluginUnderTest,
+                                                              tmp_path: str) -> None:
+    outside = os.path.join(str(tmp_path), "outside")
+    os.makedirs(os.path.join(outside, "root"))
+    write(os.path.join(outside, "root", "secret"), b"keep me")
+    os.symlink(outside, os.path.join(plugin.home, "layers", "planted"))
+    for call in (plugin.client.get("planted"), plugin.client.create("kid", "planted"),
+                 plugin.client.apply_diff("planted", "", b"\0" * 1024)):
+        with pytest.raises(PluginError) as e:
+            await call
+        assert "planted" in e.value.err
+    assert not await plugin.client.exists("planted")
+    await plugin.client.remove("planted")  # unlinks the symlink only
+    assert read(os.path.join(outside, "root", "secret")) == b"keep me"
