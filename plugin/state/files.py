@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+
+_serial = itertools.count()
 
 
 def fsync_dir(path: str) -> None:
@@ -15,7 +19,8 @@ def fsync_dir(path: str) -> None:
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    # Unique per call: several worker threads may replace the same file at once.
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
