@@ -16,6 +16,7 @@ import pytest
 from plugin.driver.probes import mounts_under
 from tests.protocol.client import DockerLikeClient
 from tests.protocol.conftest import PluginUnderTest
+from tests.protocol.test_conformance import read
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,10 +67,8 @@ async def worker(n: int, socket_path: str, shared: list[str]) -> int:
                 assert size == len(payload)
                 mine[layer] = parent
                 root = await c.get(layer)
-                with open(os.path.join(root, f"w{n}", layer), "rb") as f:
-                    assert f.read() == payload
-                with open(os.path.join(root, "shared", "base"), "rb") as f:
-                    assert f.read() == b"base"
+                assert read(os.path.join(root, f"w{n}", layer)) == payload
+                assert read(os.path.join(root, "shared", "base")) == b"base"
                 await c.put(layer)
             elif op == "getput":
                 layer = rng.choice(shared)
@@ -110,8 +109,8 @@ async def test_mixed_calls_from_32_clients(plugin: PluginUnderTest) -> None:
         asyncio.gather(*(worker(n, plugin.socket_path, shared) for n in range(CLIENTS))),
         timeout=600)
     assert sum(counts) >= 1000
-    with open(os.path.join(plugin.home, "refs.json")) as f:
-        assert json.load(f) == {}, "every Get was matched by a Put: no count may remain"
+    refs = json.loads(read(os.path.join(plugin.home, "refs.json")))
+    assert refs == {}, "every Get was matched by a Put: no count may remain"
     assert [m for m in mounts_under(plugin.home)] == []
     assert sorted(os.listdir(os.path.join(plugin.home, "layers"))) == shared
     print(f"concurrency: {sum(counts)} calls from {CLIENTS} clients, 0 leaked mounts")
