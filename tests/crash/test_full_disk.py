@@ -1,0 +1,116 @@
+"""A full disk: ApplyDiff and Create on a small loop filesystem that fills up
+answer a clean Err naming ENOSPC, leave no partial layer once dockerd's Remove
+arrives, give the space back, and later calls work."""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine.harness import Plugin
+from tests.protocol.client import DockerLikeClient, PluginError
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")
+BACKENDS = ["vfs", "overlay"]
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def tar_of(files: dict[str, int]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, size in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tf.addfile(info, io.BytesIO(os.urandom(size)))
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def small_disk() -> AsyncIterator[Path]:
+    """A 64 MiB ext4 on a loop device (losetup --find: never a fixed /dev/loopN)."""
+    work = Path(f"/tmp/sf-{secrets.token_hex(4)}")
+    (work / "mnt").mkdir(parents=True)
+    image = work / "disk.img"
+    run("truncate", "-s", "64M", str(image))
+    device = run("losetup", "--find", "--show", str(image))
+    try:
+        run("mkfs.ext4", "-q", "-F", "-m", "0", device)
+        run("mount", device, str(work / "mnt"))
+        try:
+            yield work
+        finally:
+            run("umount", str(work / "mnt"))
+    finally:
+        run("losetup", "-d", device)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_enospc_is_clean_and_space_comes_back(small_disk: Path, backend: str) -> None:
+    home = small_disk / "mnt" / "home"
+    plugin = Plugin(name=f"strata-f{secrets.token_hex(3)}", backend=backend,
+                    state_dir=small_disk / "state", log_path=small_disk / "plugin.log")
+    plugin.start()
+    c = DockerLikeClient(str(plugin.socket_path))
+    try:
+        try:
+            await c.call("GraphDriver.Init", {"Home": str(home), "Opts": None,
+                                              "UIDMaps": None, "GIDMaps": None})
+        except PluginError as e:
+            pytest.skip(f"backend {backend} cannot run on this ext4: {e.err}")
+        await c.create("base")
+        await c.apply_diff("base", "", tar_of({"small": 1 << 20}))
+        before = free_bytes(home)
+
+        # ApplyDiff of more than the disk holds
+        await c.create("huge", "base")
+        with pytest.raises(PluginError) as e:
+            await c.apply_diff("huge", "base", tar_of({f"f{i}": 8 << 20 for i in range(10)}))
+        assert "No space left on device" in e.value.err or "ENOSPC" in e.value.err, e.value.err
+        await c.remove("huge")  # what dockerd does after a failed ApplyDiff
+        assert not await c.exists("huge")
+        assert free_bytes(home) >= before - (1 << 20), "the partial layer's space must come back"
+
+        # Create whose copy cannot fit (vfs copies the parent; overlay needs no copy)
+        await c.create("fat", "base")
+        root = await c.get("fat")
+        with open(os.path.join(root, "fill"), "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (4 << 20))
+            except OSError:
+                pass
+        await c.put("fat")
+        if backend == "vfs":
+            with pytest.raises(PluginError) as e:
+                await c.create("copy-of-fat", "fat")
+            assert "No space left on device" in e.value.err, e.value.err
+            assert not await c.exists("copy-of-fat")
+        await c.remove("fat")
+        assert os.listdir(home / "staging") == [] and os.listdir(home / "trash") == []
+        assert free_bytes(home) >= before - (1 << 20)
+
+        # and the driver carries on
+        await c.create("after", "base")
+        assert await c.apply_diff("after", "base", tar_of({"ok": 1000})) == 1000
+        assert sorted(os.listdir(home / "layers")) == ["after", "base"]
+        await c.call("GraphDriver.Cleanup", {})
+    finally:
+        await c.close()
+        plugin.close()
