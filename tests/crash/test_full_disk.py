@@ -41,6 +41,15 @@ def tar_of(files: dict[str, int]) -> bytes:
     return buf.getvalue()
 
 
+def fill_up(path: str) -> None:
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (4 << 20))
+        except OSError:
+            pass
+
+
 @pytest.fixture
 async def small_disk() -> AsyncIterator[Path]:
     """A 64 MiB ext4 on a loop device (losetup --find: never a fixed /dev/loopN)."""
@@ -90,12 +99,7 @@ async def test_enospc_is_clean_and_space_comes_back(small_disk: Path, backend: s
         # Create whose copy cannot fit (vfs copies the parent; overlay needs no copy)
         await c.create("fat", "base")
         root = await c.get("fat")
-        with open(os.path.join(root, "fill"), "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (4 << 20))
-            except OSError:
-                pass
+        fill_up(os.path.join(root, "fill"))
         await c.put("fat")
         if backend == "vfs":
             with pytest.raises(PluginError) as e:
