@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--start", action="store_true",
                              help="also start serving (systemd if it is init, else detached)")
 
+    fsck = sub.add_parser("fsck", help="list orphaned layers, leaked mounts and debris")
+    fsck.add_argument("--home", default=None, help="the Home to check (default: the recorded Init's)")
+    fsck.add_argument("--name", default=_env("name", DEFAULT_NAME))
+    fsck.add_argument("--state-dir", default=_env("state-dir", None))
+    fsck.add_argument("--min-age", type=float, default=600.0,
+                      help="seconds a layer must be old before it can be an orphan (default 600)")
+    fsck.add_argument("--repair", action="store_true", help="remove what was found")
+
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
     return parser
@@ -100,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "fsck":
+        from plugin.fsck import fsck
+
+        return fsck(args)
     from plugin import install
 
     if args.command == "install":
