@@ -31,10 +31,18 @@ class RefCountedStore:
         self.store = LayerStore(home)
         self.refs = RefCounter(os.path.join(home, "refs.json"))
         self.store.reconcile()
-        self.refs.reconcile(self.mounted_ids(), needs_mount=needs_mount)
+        stale = self.refs.reconcile(self.mounted_ids(), needs_mount=needs_mount,
+                                    existing=self.store.ids())
+        for layer_id in stale:
+            self.release_stale_mount(layer_id)
 
     def mounted_ids(self) -> list[str]:
+        """Ids whose mount exists now (mounting backends override)."""
         return []
+
+    def release_stale_mount(self, layer_id: str) -> None:
+        """Unmount a layer that is mounted with no Get outstanding (mounting
+        backends override; see RefCounter.reconcile)."""
 
     @staticmethod
     def root_of(layer_dir: str) -> str:

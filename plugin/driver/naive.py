@@ -22,6 +22,7 @@ from plugin.archive import (
 )
 from plugin.driver.base import Capabilities, CreateOpts, Driver, ProtoDriver
 from plugin.idtools import IDMappings
+from plugin.state.refcount import internal_references
 
 
 class _ReleasingStream(TarStream):
@@ -39,8 +40,9 @@ class _ReleasingStream(TarStream):
             self._inner.close()
         finally:
             release, self._release = self._release, []
-            for driver, layer_id in reversed(release):
-                driver.put(layer_id)
+            with internal_references():
+                for driver, layer_id in reversed(release):
+                    driver.put(layer_id)
 
 
 class NaiveDiffDriver(Driver):
@@ -86,7 +88,15 @@ class NaiveDiffDriver(Driver):
         return self.proto.applying(layer_id)
 
     # ---- the diff calls ----------------------------------------------------
+    # The diff calls mount layers for their own use: those references are
+    # strata's, not dockerd's, and must not outlive the process (see
+    # plugin.state.refcount.internal_references).
+
     def diff(self, layer_id: str, parent: str) -> TarStream:
+        with internal_references():
+            return self._diff(layer_id, parent)
+
+    def _diff(self, layer_id: str, parent: str) -> TarStream:
         held: list[tuple[ProtoDriver, str]] = []
         try:
             root = self.proto.get(layer_id, "")
@@ -103,6 +113,10 @@ class NaiveDiffDriver(Driver):
             raise
 
     def changes(self, layer_id: str, parent: str) -> list[Change]:
+        with internal_references():
+            return self._changes(layer_id, parent)
+
+    def _changes(self, layer_id: str, parent: str) -> list[Change]:
         root = self.proto.get(layer_id, "")
         try:
             if not parent:
@@ -116,6 +130,10 @@ class NaiveDiffDriver(Driver):
             self.proto.put(layer_id)
 
     def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
+        with internal_references():
+            return self._apply_diff(layer_id, parent, stream)
+
+    def _apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
         root = self.proto.get(layer_id, "")
         try:
             with self.proto.applying(layer_id):
@@ -124,7 +142,11 @@ class NaiveDiffDriver(Driver):
             self.proto.put(layer_id)
 
     def diff_size(self, layer_id: str, parent: str) -> int:
-        found = self.changes(layer_id, parent)
+        with internal_references():
+            return self._diff_size(layer_id, parent)
+
+    def _diff_size(self, layer_id: str, parent: str) -> int:
+        found = self._changes(layer_id, parent)
         root = self.proto.get(layer_id, "")
         try:
             return changes_size(root, found)

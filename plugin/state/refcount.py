@@ -3,9 +3,9 @@
 dockerd never re-sends Get for a container that is running when the plugin
 restarts, yet will send its Put when the container stops: a restarted plugin
 must know the layer is mounted.  The counts are written to ``refs.json`` on
-every change, and on start-up checked against ``/proc/self/mountinfo``: a count
-whose mount is gone is dropped, a mount under Home with no count starts at 1
-(what moby's ``counter.go`` does on first sight of a mounted id).
+every change, and on start-up checked against the layers and ``/proc/self/mountinfo``: a count
+whose layer or mount is gone is dropped, and a mount with no count is
+released (strata's own references are never persisted, see below).
 
 dockerd's Gets and Puts are not balanced (protocol.md §9): the count clamps at
 zero and a Put of an unmounted id succeeds.
@@ -17,7 +17,9 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import msgspec
 
@@ -27,10 +29,28 @@ from plugin.state.files import write_atomic
 log = logging.getLogger("strata.state")
 
 
+#: Set while strata itself holds a layer (a Diff, Changes or ApplyDiff in
+#: progress).  Those references die with the process, so they are counted in
+#: memory only: persisting them would leave a count, and a mount, that no Put
+#: ever releases after a crash.
+_INTERNAL: ContextVar[bool] = ContextVar("strata_internal_reference", default=False)
+
+
+@contextmanager
+def internal_references() -> Iterator[None]:
+    """Count the Gets and Puts made inside this block as strata's own."""
+    token = _INTERNAL.set(True)
+    try:
+        yield
+    finally:
+        _INTERNAL.reset(token)
+
+
 class RefCounter:
     def __init__(self, path: str) -> None:
         self._path = path
-        self._counts: dict[str, int] = {}
+        self._counts: dict[str, int] = {}    # dockerd's Gets: persisted
+        self._internal: dict[str, int] = {}  # strata's own: in memory
         self._file_lock = threading.Lock()
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
@@ -44,57 +64,80 @@ class RefCounter:
             return self._locks[layer_id]
 
     def count(self, layer_id: str) -> int:
-        return self._counts.get(layer_id, 0)
+        return self._counts.get(layer_id, 0) + self._internal.get(layer_id, 0)
 
     def active(self) -> dict[str, int]:
+        """dockerd's outstanding Gets, by id."""
         return dict(self._counts)
 
     def get(self, layer_id: str, activate: Callable[[], None]) -> int:
         """Count one Get; run ``activate`` (mount) on the first."""
         with self.lock(layer_id):
-            current = self._counts.get(layer_id, 0)
             fault_point("get")
-            if current == 0:
+            if self.count(layer_id) == 0:
                 activate()
-            self._set(layer_id, current + 1)
-            return current + 1
+            if _INTERNAL.get():
+                self._internal[layer_id] = self._internal.get(layer_id, 0) + 1
+            else:
+                self._set(layer_id, self._counts.get(layer_id, 0) + 1)
+            return self.count(layer_id)
 
     def put(self, layer_id: str, deactivate: Callable[[], None]) -> int:
-        """Count one Put; run ``deactivate`` (unmount) when the count reaches 0."""
+        """Count one Put; run ``deactivate`` (unmount) when no reference is left.
+
+        A Put with nothing to release is clamped (dockerd sends unbalanced Puts)
+        and still deactivates when strata holds no reference either, so a
+        mount that survived a crash is released by dockerd's Put."""
         with self.lock(layer_id):
-            current = self._counts.get(layer_id, 0)
             fault_point("put")
-            if current <= 1:
+            table = self._internal if _INTERNAL.get() else self._counts
+            current = table.get(layer_id, 0)
+            if table is self._internal:
+                if current > 1:
+                    self._internal[layer_id] = current - 1
+                else:
+                    self._internal.pop(layer_id, None)
+            elif current > 0:
+                self._set(layer_id, current - 1)
+            remaining = self.count(layer_id)
+            if remaining == 0:
                 deactivate()
-                self._set(layer_id, 0)
-                return 0
-            self._set(layer_id, current - 1)
-            return current - 1
+            return remaining
 
     def forget(self, layer_id: str) -> None:
+        self._internal.pop(layer_id, None)
         self._set(layer_id, 0)
 
-    def reconcile(self, mounted: Iterable[str], needs_mount: bool) -> None:
-        """Make the counts agree with what is really mounted.
+    def reconcile(self, mounted: Iterable[str], needs_mount: bool,
+                  existing: Iterable[str]) -> list[str]:
+        """Make the counts agree with the layers and mounts that really exist.
 
-        ``mounted`` are the ids whose mount exists now.  For backends that do
-        not mount (vfs) the persisted counts are simply kept.
+        Counts of layers that are gone are dropped.  For mounting backends a
+        count whose mount is gone is dropped, and the ids mounted with no
+        count are returned: a mount dockerd holds no Get for was strata's own
+        (a Diff or ApplyDiff cut short by a crash), and the caller unmounts it.
         """
+        layers = set(existing)
+        for layer_id in [i for i in self._counts if i not in layers]:
+            log.info("refcount: %s no longer exists; dropping its count", layer_id)
+            self._set(layer_id, 0)
         if not needs_mount:
-            return
+            return []
         live = set(mounted)
-        for layer_id in list(self._counts):
-            if layer_id not in live:
-                log.info("refcount: %s was counted but is not mounted; dropping", layer_id)
-                self._set(layer_id, 0)
-        for layer_id in live - set(self._counts):
-            log.info("refcount: %s is mounted with no count; starting at 1", layer_id)
-            self._set(layer_id, 1)
+        for layer_id in [i for i in self._counts if i not in live]:
+            log.info("refcount: %s was counted but is not mounted; dropping", layer_id)
+            self._set(layer_id, 0)
+        stale = sorted((live - set(self._counts)) & layers)
+        for layer_id in stale:
+            log.info("refcount: %s is mounted with no Get outstanding; releasing it", layer_id)
+        return stale
 
     def _set(self, layer_id: str, value: int) -> None:
         with self._file_lock:
             if value > 0:
                 self._counts[layer_id] = value
+            elif layer_id not in self._counts:
+                return
             else:
                 self._counts.pop(layer_id, None)
             write_atomic(self._path, msgspec.json.encode(self._counts))

@@ -11,7 +11,7 @@ from plugin.errors import AlreadyExists, InvalidArgument, NotFound
 from plugin.idtools import IDMap
 from plugin.state.config import InitRecord, load_init, save_init
 from plugin.state.layers import LayerMeta, LayerStore, validate_id
-from plugin.state.refcount import RefCounter
+from plugin.state.refcount import RefCounter, internal_references
 
 
 @pytest.mark.parametrize("good", ["a" * 64, "a" * 64 + "-init", "kipvlst7kjta6hpv1j1wqnvyc",
@@ -83,12 +83,28 @@ def test_refcounts_mount_once_clamp_and_persist(tmp_path: str) -> None:
 def test_refcount_reconcile_with_mounts(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "refs.json")
     refs = RefCounter(path)
-    refs.get("gone", lambda: None)
-    refs.get("kept", lambda: None)
-    refs.get("kept", lambda: None)
+    for layer in ("unmounted", "kept", "kept", "deleted"):
+        refs.get(layer, lambda: None)
     again = RefCounter(path)
-    again.reconcile(["kept", "stray"], needs_mount=True)
-    assert again.active() == {"kept": 2, "stray": 1}
+    stale = again.reconcile(["kept", "stray", "deleted"], needs_mount=True,
+                            existing=["kept", "stray", "unmounted"])
+    assert again.active() == {"kept": 2}
+    assert stale == ["stray"]  # mounted, but no Get of dockerd's holds it
+
+
+def test_internal_references_are_never_persisted(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    events: list[str] = []
+    refs.get("c", lambda: events.append("mount"))  # dockerd's Get (docker commit)
+    with internal_references():
+        refs.get("c", lambda: events.append("mount"))  # strata's Diff holds it too
+    assert RefCounter(path).active() == {"c": 1}
+    refs.put("c", lambda: events.append("umount"))  # dockerd's Put: the Diff still reads
+    assert events == ["mount"] and refs.count("c") == 1
+    with internal_references():
+        refs.put("c", lambda: events.append("umount"))
+    assert events == ["mount", "umount"] and RefCounter(path).active() == {}
 
 
 def test_init_record_round_trip(tmp_path: str) -> None:
