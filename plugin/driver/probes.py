@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+
+from plugin.driver import mountapi
 
 # statfs(2) f_type values (linux/magic.h) of the filesystems strata meets.
 FS_MAGIC: dict[int, str] = {
@@ -103,3 +108,177 @@ def filesystems() -> set[str]:
     """Filesystem types the running kernel knows (/proc/filesystems)."""
     with open("/proc/filesystems", encoding="ascii") as f:
         return {line.split()[-1] for line in f if line.strip()}
+
+
+# ---- overlay: d_type, trusted xattrs, a test mount ------------------------------
+
+_SYS_GETDENTS64 = {"x86_64": 217, "aarch64": 61, "riscv64": 61, "ppc64le": 202, "s390x": 220}
+_DT_UNKNOWN, _DT_REG = 0, 8
+_OVERLAY_MAGIC = 0x794C7630
+#: Backing filesystems overlay cannot use as upper (moby overlay2 refuses the same).
+_OVERLAY_INCOMPATIBLE = {_OVERLAY_MAGIC: "overlayfs", 0x61756673: "aufs", 0xF15F: "ecryptfs"}
+
+
+class _Dirent64Header(ctypes.Structure):
+    # struct linux_dirent64 without its trailing name
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_uint16), ("d_type", ctypes.c_uint8)]
+
+
+def dirent_types(directory: str) -> dict[str, int]:
+    """name -> d_type straight from getdents64(2).
+
+    ``os.scandir`` hides a filesystem without d_type (it falls back to stat),
+    so it cannot tell; this reads the kernel's own answer.
+    """
+    number = _SYS_GETDENTS64.get(os.uname().machine)
+    if number is None:
+        raise OSError(f"getdents64 syscall number unknown on {os.uname().machine}")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    buf = ctypes.create_string_buffer(32768)
+    found: dict[str, int] = {}
+    try:
+        while True:
+            n = int(_libc.syscall(ctypes.c_long(number), ctypes.c_int(fd), buf,
+                                  ctypes.c_uint(len(buf))))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), directory)
+            if n == 0:
+                return found
+            offset = 0
+            while offset < n:
+                head = _Dirent64Header.from_buffer(buf, offset)
+                name_start = offset + _Dirent64Header.d_type.offset + 1  # d_name follows
+                raw = buf.raw[name_start:offset + head.d_reclen].split(b"\0", 1)[0]
+                found[os.fsdecode(raw)] = head.d_type
+                offset += head.d_reclen
+    finally:
+        os.close(fd)
+
+
+def supports_d_type(directory: str) -> bool:
+    """Whether the filesystem of ``directory`` fills in d_type (xfs needs ftype=1)."""
+    probe = os.path.join(directory, f".strata-dtype-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    try:
+        return dirent_types(directory).get(os.path.basename(probe), _DT_UNKNOWN) == _DT_REG
+    finally:
+        os.unlink(probe)
+
+
+def supports_trusted_xattrs(directory: str) -> bool:
+    """Whether ``trusted.*`` xattrs can be set there (overlay whiteout/opaque metadata)."""
+    probe = os.path.join(directory, f".strata-xattr-{os.getpid()}")
+    os.mkdir(probe)
+    try:
+        os.setxattr(probe, "trusted.overlay.opaque", b"y")
+        return os.getxattr(probe, "trusted.overlay.opaque") == b"y"
+    except OSError:
+        return False
+    finally:
+        os.rmdir(probe)
+
+
+def in_user_namespace() -> bool:
+    """True unless this process sees the initial user namespace's full id range."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            rows = [line.split() for line in f if line.strip()]
+    except OSError:
+        return False
+    return rows != [["0", "0", "4294967295"]]
+
+
+@dataclass(frozen=True)
+class OverlaySupport:
+    """What the kernel's overlayfs does on one backing filesystem (shown in Status)."""
+
+    backing_fs: str
+    d_type: bool
+    #: fsopen/fsconfig with ``lowerdir+`` works (500 lowers); else mount(2) only.
+    new_mount_api: bool
+    #: Empty when an upper dir is a complete diff; otherwise why it is not.
+    naive_reason: str
+    #: Mount with ``userxattr`` (unprivileged user namespace).
+    userxattr: bool
+
+
+def overlay_backing_problem(home: str) -> str | None:
+    """Why overlay cannot keep its upper dirs under ``home``, or None."""
+    magic = fs_magic(home)
+    if magic in _OVERLAY_INCOMPATIBLE:
+        return (f"{home} is on {_OVERLAY_INCOMPATIBLE[magic]}, which overlayfs cannot use as an "
+                "upper layer; put the data root on ext4, xfs (ftype=1) or btrfs")
+    if not supports_d_type(home):
+        return (f"the backing filesystem of {home} ({fs_name(home)}) does not return d_type; "
+                "overlay needs it (reformat xfs with `mkfs.xfs -n ftype=1`)")
+    if not supports_trusted_xattrs(home):
+        return (f"cannot set trusted.* xattrs under {home} ({fs_name(home)}); overlay keeps "
+                "whiteouts and opaque dirs in them (needs CAP_SYS_ADMIN in the initial "
+                "user namespace; use fuse-overlayfs otherwise)")
+    return None
+
+
+def probe_overlay(home: str, *, allow_new_api: bool = True) -> OverlaySupport:
+    """Mount a throwaway overlay under ``home`` the way the backend will, and see
+    whether its upper dir is a complete diff (moby ``overlay2/check.go``).
+
+    Raises OSError if the test mount itself fails; call
+    :func:`overlay_backing_problem` first for the common, explainable causes.
+    """
+    new_api = allow_new_api and mountapi.fs_accepts("overlay", "lowerdir+", home)
+    userxattr = in_user_namespace()
+    with tempfile.TemporaryDirectory(prefix=".strata-overlay-probe-", dir=home) as tmp:
+        lower, upper, work, merged = (os.path.join(tmp, d) for d in ("l", "u", "w", "m"))
+        for d in (lower, upper, work, merged):
+            os.mkdir(d)
+        for d in ("renamed/sub", "recreated/sub"):
+            os.makedirs(os.path.join(lower, d))
+        with open(os.path.join(lower, "meta"), "wb") as f:
+            f.write(b"x" * 4096)
+        extra: list[tuple[str, str | None]] = [("index", "off")]
+        if userxattr:
+            extra.append(("userxattr", None))
+        if new_api:
+            mountapi.fs_mount("overlay", "overlay", merged, [
+                ("lowerdir+", lower), ("upperdir", upper), ("workdir", work), *extra])
+        else:
+            data = ",".join(["lowerdir=l,upperdir=u,workdir=w",
+                             *(k if v is None else f"{k}={v}" for k, v in extra)])
+            mountapi.mount_from(tmp, "overlay", merged, "overlay", data)
+        try:
+            reason = _upper_is_incomplete_diff(merged, upper, "user" if userxattr else "trusted")
+        finally:
+            mountapi.unmount(merged)
+    return OverlaySupport(backing_fs=fs_name(home), d_type=True, new_mount_api=new_api,
+                          naive_reason=reason, userxattr=userxattr)
+
+
+def _upper_is_incomplete_diff(merged: str, upper: str, xattr_ns: str) -> str:
+    """Why the upper dir of this mount is not the layer's whole diff ('' if it is)."""
+    try:
+        os.rename(os.path.join(merged, "renamed"), os.path.join(merged, "renamed2"))
+    except OSError as e:
+        if e.errno != errno.EXDEV:  # EXDEV: redirect_dir is off, userspace copies
+            raise
+    else:
+        if _has_xattr(os.path.join(upper, "renamed2"), f"{xattr_ns}.overlay.redirect"):
+            return "redirect_dir is on: a renamed directory is a redirect, not a copy"
+    os.chown(os.path.join(merged, "meta"), 1, 1)
+    if _has_xattr(os.path.join(upper, "meta"), f"{xattr_ns}.overlay.metacopy"):
+        return "metacopy is on: a copied-up file may hold metadata only"
+    shutil.rmtree(os.path.join(merged, "recreated"))
+    os.mkdir(os.path.join(merged, "recreated"))
+    if not _has_xattr(os.path.join(upper, "recreated"), f"{xattr_ns}.overlay.opaque"):
+        return "the kernel did not mark a recreated directory opaque"
+    return ""
+
+
+def _has_xattr(path: str, name: str) -> bool:
+    try:
+        os.getxattr(path, name, follow_symlinks=False)
+        return True
+    except OSError:
+        return False

@@ -224,8 +224,9 @@ async def diff(request: web.Request) -> web.StreamResponse:
                 chunk = await run(request, stream.read, CHUNK)
             await response.write_eof()
         except (StrataError, OSError) as e:
-            log.error("Diff %s: stream failed after it started, aborting the connection: %s",
-                      req.ID, e)
+            # Also how a consumer that stops reading looks (dockerd drops the
+            # Diff of a build step it refuses): not necessarily strata's fault.
+            log.warning("Diff %s: stream ended early, aborting the connection: %s", req.ID, e)
             if request.transport is not None:
                 request.transport.abort()
         return response

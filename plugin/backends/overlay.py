@@ -1,0 +1,393 @@
+"""overlay: overlayfs layers laid out like Docker's overlay2, up to 500 deep.
+
+Layout (``Home/layers/<id>/`` is the LayerStore's staged, atomically renamed dir)::
+
+    Home/l/<LINK>  -> ../layers/<id>/diff     short name of a layer's diff dir
+    Home/layers/<id>/diff/     the layer's own files: the overlay upper dir
+    Home/layers/<id>/link      LINK: 26 random base32 characters
+    Home/layers/<id>/lower     "l/<parent LINK>:l/<grandparent LINK>:…" (top first)
+    Home/layers/<id>/work/     overlay workdir          (only with a parent)
+    Home/layers/<id>/merged/   where Get mounts it      (only with a parent)
+
+Why short links: mount(2) copies one page of option data (4096 bytes).  An
+absolute lower path here is ~100 bytes (``/var/lib/docker/strata/layers/<64
+hex>/diff``), so ``lowerdir=`` holds ~37 of them.  Relative to Home after a
+chdir, ``l/<26 chars>:`` is 29 bytes; the rest of the string is at most
+``lowerdir=`` (9) + ``,upperdir=layers/<id>/diff`` (150) + ``,workdir=layers/<id>/work``
+(149) + ``,index=off,userxattr`` (20) = 328 bytes for the longest (128-char) id, so
+(4095 - 328) // 29 = 129 lowers always fit (Docker stops at 128).  The new
+mount API passes each lower in its own ``fsconfig("lowerdir+")`` call, so no
+page limit applies and the kernel's own limit (OVL_MAX_STACK = 500) is the
+depth: that is what this backend uses where the kernel has it (Linux >= 6.8).
+
+A layer with no parent has nothing to merge: Get returns its ``diff/`` itself
+(as overlay2 does), the same path every time; it is never mounted.
+
+Mounts use ``index=off``: with the inode index on, a lower shared by two
+mounts makes the second mount fail with EBUSY (moby#37904), and nothing here
+needs NFS export or hardlink copy-up consistency across layers.
+
+The upper dir *is* the layer's diff, so Diff, ApplyDiff, Changes and DiffSize
+work on ``diff/`` directly, converting whiteouts between the kernel's form
+(char 0:0, ``trusted.overlay.opaque=y``) and the tar form (``.wh.``).  When the
+asked parent is not the layer's own, or the kernel writes redirects/metacopy
+(an upper dir is then not a full diff), the naive tree walk over two mounts is
+used instead; Status says which.  Model: moby ``overlay2/overlay.go``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from typing import BinaryIO
+
+import msgspec
+
+from plugin.archive import ApplyOptions, Change, TarStream, apply_layer, export_tree
+from plugin.backends.common import RefCountedStore
+from plugin.backends.overlay_changes import overlay_changes
+from plugin.driver import mountapi
+from plugin.driver.base import CreateOpts, Driver
+from plugin.driver.naive import NaiveDiffDriver
+from plugin.driver.probes import (
+    OverlaySupport,
+    filesystems,
+    mounts_under,
+    overlay_backing_problem,
+    probe_overlay,
+)
+from plugin.driver.registry import register, split_options
+from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported, Prerequisites
+from plugin.idtools import IDMappings
+from plugin.state.files import write_atomic
+from plugin.state.layers import MAX_ID_LEN, LayerMeta
+
+log = logging.getLogger("strata.backend.overlay")
+
+LINK_DIR = "l"
+LINK_LEN = 26  # moby's idLength: 26 base32 chars = 130 random bits
+_LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+#: The kernel's OVL_MAX_STACK: lowers one overlay mount may stack.
+KERNEL_MAX_LOWERS = 500
+# See the module doc: the fixed part of a mount(2) option string, and one lower.
+_FIXED_OPTION_BYTES = len("lowerdir=") + 2 * len(",upperdir=layers/" + "x" * MAX_ID_LEN + "/diff") \
+    + len(",index=off,userxattr")
+_BYTES_PER_LOWER = len(f"{LINK_DIR}/") + LINK_LEN + len(":")
+LEGACY_MAX_LOWERS = (mountapi.MOUNT_DATA_MAX - _FIXED_OPTION_BYTES) // _BYTES_PER_LOWER
+DIFF_SIZE_KEY = "diff_size"
+
+
+def new_link_id() -> str:
+    return "".join(secrets.choice(_LINK_ALPHABET) for _ in range(LINK_LEN))
+
+
+def directory_size(root: str) -> int:
+    """moby ``directory.Size``: bytes of every non-directory, each inode once."""
+    total, seen = 0, set()
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif st.st_size and st.st_ino not in seen:
+                    seen.add(st.st_ino)
+                    total += st.st_size
+    return total
+
+
+class OverlayDriver(RefCountedStore, Driver):
+    name = "overlay"
+
+    def __init__(self, home: str, idmap: IDMappings, support: OverlaySupport,
+                 *, native_diff: bool = True) -> None:
+        self.support = support
+        self.native_reason = support.naive_reason or ("" if native_diff else
+                                                      "disabled by overlay.native_diff=false")
+        self.max_lowers = KERNEL_MAX_LOWERS if support.new_mount_api else LEGACY_MAX_LOWERS
+        self.link_dir = os.path.join(home, LINK_DIR)
+        os.makedirs(self.link_dir, mode=0o700, exist_ok=True)
+        super().__init__(home, idmap, needs_mount=True)
+        self.naive = NaiveDiffDriver(self, idmap)
+        self._repair_links()
+
+    # ---- paths ----------------------------------------------------------------
+    @staticmethod
+    def diff_dir(layer_dir: str) -> str:
+        return os.path.join(layer_dir, "diff")
+
+    @staticmethod
+    def merged_dir(layer_dir: str) -> str:
+        return os.path.join(layer_dir, "merged")
+
+    @staticmethod
+    def _read(path: str) -> str:
+        try:
+            with open(path, encoding="ascii") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    def lower_links(self, layer_dir: str) -> list[str]:
+        """The ``l/<LINK>`` names of the lower chain, top first; [] for a base layer."""
+        lower = self._read(os.path.join(layer_dir, "lower"))
+        return lower.split(":") if lower else []
+
+    def lower_dirs(self, layer_dir: str) -> list[str]:
+        """Absolute diff dirs of the lower chain, top first (symlinks resolved)."""
+        return [os.path.realpath(os.path.join(self.home, link))
+                for link in self.lower_links(layer_dir)]
+
+    def _native(self, layer_id: str, parent: str) -> str | None:
+        """The layer dir if ``parent`` is the layer's own and native diff is on, else None."""
+        layer_dir = self.store.require(layer_id)
+        if self.native_reason or self.store.read_meta(layer_id).parent != parent:
+            return None
+        return layer_dir
+
+    # ---- create / remove -----------------------------------------------------
+    def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        _check_storage_opts(layer_id, opts)
+        lower = ""
+        if parent:
+            parent_dir = self.store.require(parent, "parent layer")
+            parent_links = self.lower_links(parent_dir)
+            if len(parent_links) + 1 > self.max_lowers:
+                raise NotSupported(
+                    f"layer {layer_id}: parent {parent} already stacks {len(parent_links) + 1} "
+                    f"layers; overlay mounts at most {self.max_lowers} lowers here "
+                    f"({self._mount_api_label()})")
+            lower = ":".join([f"{LINK_DIR}/{self._read(os.path.join(parent_dir, 'link'))}",
+                              *parent_links])
+        root_uid, root_gid = self.idmap.root_pair()
+        with self.store.staging(layer_id, LayerMeta(parent=parent)) as stage:
+            diff = self.diff_dir(stage)
+            os.mkdir(diff, 0o755)
+            os.chown(diff, root_uid, root_gid)
+            os.chmod(diff, 0o755)  # whatever the umask
+            link = new_link_id()
+            # Points at the final path; it dangles until the rename below, and
+            # start-up removes it if the rename never happens.
+            os.symlink(os.path.join("..", "layers", layer_id, "diff"),
+                       os.path.join(self.link_dir, link))
+            write_atomic(os.path.join(stage, "link"), link.encode(), 0o644)
+            if parent:
+                for sub in ("work", "merged"):
+                    os.mkdir(os.path.join(stage, sub), 0o700)
+                    os.chown(os.path.join(stage, sub), root_uid, root_gid)
+                write_atomic(os.path.join(stage, "lower"), lower.encode(), 0o644)
+        log.debug("created %s (parent %s, depth %d)", layer_id, parent or "-",
+                  lower.count(":") + 1 if lower else 0)
+
+    def remove(self, layer_id: str) -> None:
+        with self.refs.lock(layer_id):
+            layer_dir = self.store.layer_dir(layer_id)
+            if not os.path.isdir(layer_dir):
+                return
+            # Detach first: a container process may still hold files open, and a
+            # busy mount must never make Remove fail (EBUSY).
+            mountapi.unmount(self.merged_dir(layer_dir))
+            link = self._read(os.path.join(layer_dir, "link"))
+            self.store.remove(layer_id)
+            if link:
+                _unlink_quietly(os.path.join(self.link_dir, link))
+        self.refs.forget(layer_id)
+
+    # ---- get / put -------------------------------------------------------------
+    def get(self, layer_id: str, mount_label: str) -> str:
+        # mount_label is an SELinux context; this host's kernel has no SELinux,
+        # and moby only adds context= when SELinux is enabled.
+        layer_dir = self.store.require(layer_id)
+        self._forget_cached_size(layer_id, layer_dir)
+        if not self.lower_links(layer_dir):
+            self.refs.get(layer_id, lambda: None)
+            return self.diff_dir(layer_dir)
+        self.refs.get(layer_id, lambda: self._mount(layer_dir))
+        return self.merged_dir(layer_dir)
+
+    def put(self, layer_id: str) -> None:
+        layer_dir = self.store.layer_dir(layer_id)
+        self.refs.put(layer_id, lambda: self._unmount(layer_dir))
+
+    def _mount(self, layer_dir: str) -> None:
+        merged = self.merged_dir(layer_dir)
+        if os.path.ismount(merged):
+            return  # mounted before a plugin restart lost the count
+        links = self.lower_links(layer_dir)
+        flags: list[tuple[str, str | None]] = [("index", "off")]
+        if self.support.userxattr:
+            flags.append(("userxattr", None))
+        if self.support.new_mount_api:
+            mountapi.fs_mount("overlay", "overlay", merged, [
+                *(("lowerdir+", os.path.join(self.home, link)) for link in links),
+                ("upperdir", self.diff_dir(layer_dir)), ("workdir", os.path.join(layer_dir, "work")),
+                *flags])
+        else:
+            rel = os.path.relpath(layer_dir, self.home)
+            data = ",".join([f"lowerdir={':'.join(links)}", f"upperdir={rel}/diff",
+                             f"workdir={rel}/work",
+                             *(k if v is None else f"{k}={v}" for k, v in flags)])
+            mountapi.mount_from(self.home, "overlay", merged, "overlay", data)
+
+    def _unmount(self, layer_dir: str) -> None:
+        if os.path.isdir(os.path.join(layer_dir, "merged")):
+            mountapi.unmount(self.merged_dir(layer_dir))
+
+    def release_stale_mount(self, layer_id: str) -> None:
+        self._unmount(self.store.layer_dir(layer_id))
+
+    def mounted_ids(self) -> list[str]:
+        prefix = os.path.join(self.store.layers_dir, "")
+        return [path[len(prefix):].split("/")[0] for path in mounts_under(self.store.layers_dir)
+                if path.endswith("/merged") and path.count("/") == prefix.count("/") + 1]
+
+    # ---- the diff calls ------------------------------------------------------
+    def diff(self, layer_id: str, parent: str) -> TarStream:
+        layer_dir = self._native(layer_id, parent)
+        if layer_dir is None:
+            return self.naive.diff(layer_id, parent)
+        return export_tree(self.diff_dir(layer_dir), self.idmap, whiteout_format="overlay")
+
+    def changes(self, layer_id: str, parent: str) -> list[Change]:
+        layer_dir = self._native(layer_id, parent)
+        if layer_dir is None:
+            return self.naive.changes(layer_id, parent)
+        return overlay_changes(self.diff_dir(layer_dir), self.lower_dirs(layer_dir))
+
+    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
+        layer_dir = self._native(layer_id, parent)
+        if layer_dir is None:
+            return self.naive.apply_diff(layer_id, parent, stream)
+        # Straight into the upper dir, whiteouts in the kernel's form: no mount.
+        with self.applying(layer_id):
+            size = apply_layer(self.diff_dir(layer_dir), stream,
+                               ApplyOptions(idmap=self.idmap, whiteout_format="overlay"))
+        meta = self.store.read_meta(layer_id)
+        extra = {**meta.extra, DIFF_SIZE_KEY: str(directory_size(self.diff_dir(layer_dir)))}
+        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, extra=extra))
+        return size
+
+    def diff_size(self, layer_id: str, parent: str) -> int:
+        layer_dir = self._native(layer_id, parent)
+        if layer_dir is None:
+            return self.naive.diff_size(layer_id, parent)
+        # Cached at ApplyDiff (so `docker system df` is O(layers)); dropped at
+        # the first Get, after which the layer may have been written to.
+        cached = self.store.read_meta(layer_id).extra.get(DIFF_SIZE_KEY)
+        return int(cached) if cached else directory_size(self.diff_dir(layer_dir))
+
+    def _forget_cached_size(self, layer_id: str, layer_dir: str) -> None:
+        meta = self.store.read_meta(layer_id)
+        if DIFF_SIZE_KEY in meta.extra:
+            extra = {k: v for k, v in meta.extra.items() if k != DIFF_SIZE_KEY}
+            self.store.write_meta(layer_dir, msgspec.structs.replace(meta, extra=extra))
+
+    # ---- status, metadata, cleanup ---------------------------------------------
+    def _mount_api_label(self) -> str:
+        if self.support.new_mount_api:
+            return "fsopen/fsconfig lowerdir+"
+        return "mount(2), relative lowerdirs"
+
+    def status(self) -> list[tuple[str, str]]:
+        return [
+            ("Backend", "overlay"),
+            ("Backing Filesystem", self.support.backing_fs),
+            ("Supports d_type", str(self.support.d_type).lower()),
+            ("Native Overlay Diff", "true" if not self.native_reason
+             else f"false ({self.native_reason})"),
+            ("Mount API", self._mount_api_label()),
+            ("Max Depth", str(self.max_lowers)),
+            ("userxattr", str(self.support.userxattr).lower()),
+            ("Layers", str(len(self.store.ids()))),
+        ]
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        layer_dir = self.store.require(layer_id)
+        found = {"UpperDir": self.diff_dir(layer_dir)}
+        lowers = self.lower_dirs(layer_dir)
+        if lowers:
+            found.update(WorkDir=os.path.join(layer_dir, "work"),
+                         MergedDir=self.merged_dir(layer_dir), LowerDir=":".join(lowers))
+        return found
+
+    def cleanup(self) -> None:
+        for path in mounts_under(self.store.layers_dir):
+            mountapi.unmount(path)
+        for layer_id in self.refs.active():
+            self.refs.forget(layer_id)
+
+    def _repair_links(self) -> None:
+        """After a crash: drop l/ links to nothing, restore missing ones."""
+        wanted = {}
+        for layer_id in self.store.ids():
+            link = self._read(os.path.join(self.store.layer_dir(layer_id), "link"))
+            if link:
+                wanted[link] = os.path.join("..", "layers", layer_id, "diff")
+        for name in os.listdir(self.link_dir):
+            if name not in wanted:
+                log.info("removing stale link l/%s", name)
+                _unlink_quietly(os.path.join(self.link_dir, name))
+        for link, target in wanted.items():
+            path = os.path.join(self.link_dir, link)
+            if not os.path.islink(path):
+                log.info("restoring link l/%s -> %s", link, target)
+                os.symlink(target, path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _check_storage_opts(layer_id: str, opts: CreateOpts) -> None:
+    for key in opts.storage_opt:
+        if key.lower() == "size":
+            raise NotSupported(
+                f"layer {layer_id}: overlay cannot limit a layer's size: that needs project "
+                "quotas on xfs (CONFIG_XFS_QUOTA, mounted with prjquota) or ext4 "
+                "(CONFIG_QFMT_V2), which this host's kernel lacks (use the btrfs backend)")
+        raise InvalidArgument(f"layer {layer_id}: unknown storage option {key!r} for overlay")
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(f"overlay: storage option {key}={value!r} is not a boolean")
+
+
+def init(home: str, options: list[str], idmap: IDMappings) -> Driver:
+    opts = split_options(options, "overlay")
+    if "size" in opts:
+        raise NotSupported("overlay: storage option size needs xfs/ext4 project quotas, which "
+                           "this host's kernel lacks (CONFIG_XFS_QUOTA / CONFIG_QFMT_V2 unset); "
+                           "use the btrfs backend for per-layer size limits")
+    known = {"native_diff", "mount_api"}
+    unknown = [o for o in options if o.lower().startswith("overlay.")
+               and o.lower()[len("overlay."):].partition("=")[0] not in known]
+    if unknown:
+        raise InvalidArgument(f"overlay: unknown storage option(s) {', '.join(unknown)}")
+    if "overlay" not in filesystems():
+        raise Prerequisites("overlay: the kernel has no overlayfs (no 'overlay' in "
+                            "/proc/filesystems; needs CONFIG_OVERLAY_FS)")
+    problem = overlay_backing_problem(home)
+    if problem:
+        raise IncompatibleFS(f"overlay: {problem}")
+    legacy = opts.get("mount_api", "auto").lower()
+    if legacy not in ("auto", "legacy"):
+        raise InvalidArgument("overlay: storage option mount_api must be auto or legacy")
+    try:
+        support = probe_overlay(home, allow_new_api=legacy == "auto")
+    except OSError as e:
+        raise IncompatibleFS(f"overlay: a test overlay mount under {home} failed: {e}") from e
+    native = _parse_bool("native_diff", opts.get("native_diff", "true"))
+    return OverlayDriver(home, idmap, support, native_diff=native)
+
+
+register("overlay", init)

@@ -1,0 +1,208 @@
+"""strata's overlay backend against dockerd's in-tree overlay2, end to end.
+
+    python tests/bench/bench_overlay_engine.py [--reps 5] [--load-mib 200]
+
+Starts, in one run, a dockerd on strata (overlay backend, a plugin process) and
+a dockerd on the in-tree overlay2 driver (tests/engine/harness.py: private
+data roots, everything torn down by pid), imports the same images into both,
+and times what users feel:
+
+* ``docker run --rm IMG /bin/true``   (create + init layer + mount + start + rm)
+* ``docker commit`` of a container with 100 small files and 8 MiB written
+* ``docker diff`` of a container over 12,000 image files with 50 changes
+* ``docker load`` of a ~200 MB image
+
+Each row prints the median seconds on both and the ratio strata/overlay2
+(< 1 means strata is faster).  Timings on a shared VM are noisy; nothing is
+asserted and the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.engine import harness
+from tests.engine.rootfs import build_rootfs_tar
+
+Engine = harness.Stack | harness.Dockerd
+RUN = ("run", "--rm", "--network", "none")
+MANY_FILES = 12_000
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def median_seconds(reps: int, action: Callable[[], object],
+                   before: Callable[[], object] | None = None) -> float:
+    times = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def extended_rootfs(base_tar: Path, out: Path, extra: Callable[[tarfile.TarFile], None]) -> Path:
+    """The engine tests' rootfs tar plus entries added by ``extra``."""
+    with tarfile.open(base_tar) as src, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member) if member.isreg() else None)
+        extra(dst)
+    return out
+
+
+def add_many_files(tf: tarfile.TarFile) -> None:
+    import io
+    for d in range(MANY_FILES // 100):
+        info = tarfile.TarInfo(f"data/d{d}")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tf.addfile(info)
+        for f in range(100):
+            body = f"file {d}/{f}\n".encode()
+            info = tarfile.TarInfo(f"data/d{d}/f{f}")
+            info.size, info.mode = len(body), 0o644
+            tf.addfile(info, io.BytesIO(body))
+
+
+def add_big_files(total_mib: int) -> Callable[[tarfile.TarFile], None]:
+    def add(tf: tarfile.TarFile) -> None:
+        chunk = 8 << 20
+        for n in range(max(1, total_mib // 8)):
+            info = tarfile.TarInfo(f"big/blob{n}")
+            info.size, info.mode = chunk, 0o644
+            tf.addfile(info, _RandomReader(chunk))
+    return add
+
+
+class _RandomReader:
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n)
+
+
+FIFTY_CHANGES = (
+    "for i in $(seq 0 29); do echo changed >> /data/d$i/f1; done; "
+    "for i in $(seq 0 9); do echo new > /data/d$i/added; done; "
+    "for i in $(seq 30 39); do rm /data/d$i/f2; done"
+)
+
+
+def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[list[str]]:
+    rows = []
+
+    def row(name: str, measure: Callable[[Engine, str], float]) -> None:
+        results = {}
+        for label, engine in engines.items():
+            log(f"{name} on {label}")
+            results[label] = measure(engine, label)
+        ratio = results["strata"] / results["overlay2"] if results["overlay2"] else float("nan")
+        rows.append([name, f"{results['strata']:.3f}", f"{results['overlay2']:.3f}",
+                     f"{ratio:.2f}"])
+
+    row("docker run --rm /bin/true", lambda e, _: median_seconds(
+        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true")))
+
+    def commit(engine: Engine, label: str) -> float:
+        counter = iter(range(1000))
+
+        def prepare() -> None:
+            n = next(counter)
+            engine.docker("run", "--network", "none", "--name", f"cm{n}", "bench/base:1",
+                          "/bin/sh", "-c", "mkdir /w; for i in $(seq 100); do echo $i > /w/$i;"
+                          " done; dd if=/dev/urandom of=/w/blob bs=1M count=8 2>/dev/null")
+            state["n"] = n
+
+        state: dict[str, int] = {}
+        result = median_seconds(reps, lambda: engine.docker(
+            "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare)
+        for n in range(state["n"] + 1):
+            engine.docker("rm", "-f", f"cm{n}", check=False)
+            engine.docker("rmi", f"bench/commit:{n}", check=False)
+        return result
+
+    row("docker commit (100 files + 8 MiB)", commit)
+
+    def diff(engine: Engine, label: str) -> float:
+        engine.docker("run", "-d", "--network", "none", "--name", "difftarget",
+                      "bench/many:1", "/bin/sleep", "600")
+        try:
+            engine.docker("exec", "difftarget", "/bin/sh", "-c", FIFTY_CHANGES)
+            lines = engine.docker("diff", "difftarget").stdout.splitlines()
+            assert len([ln for ln in lines if not ln.endswith("/data")
+                        and ln.count("/") == 3]) == 50, lines
+            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"))
+        finally:
+            engine.docker("rm", "-f", "difftarget", check=False)
+
+    row(f"docker diff ({MANY_FILES} files, 50 changes)", diff)
+
+    def load(engine: Engine, label: str) -> float:
+        return median_seconds(
+            max(2, reps // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
+            lambda: engine.docker("rmi", "bench/big:1", check=False))
+
+    size_mb = load_tar.stat().st_size / 1e6
+    row(f"docker load ({size_mb:.0f} MB image)", load)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--load-mib", type=int, default=200)
+    args = parser.parse_args()
+    dockerd_bin = harness.find_dockerd()
+    if os.geteuid() != 0 or dockerd_bin is None:
+        print("needs root and dockerd", file=sys.stderr)
+        return 0
+    workdir = harness.new_workdir("sb")
+    engines: dict[str, Engine] = {}
+    try:
+        rootfs = build_rootfs_tar(workdir)
+        many = extended_rootfs(rootfs.tar, workdir / "many.tar", add_many_files)
+        big = extended_rootfs(rootfs.tar, workdir / "big.tar", add_big_files(args.load_mib))
+        engines["strata"] = harness.start_stack(dockerd_bin, "overlay")
+        engines["overlay2"] = harness.start_intree(dockerd_bin, "overlay2")
+        for engine in engines.values():
+            engine.docker("import", str(rootfs.tar), "bench/base:1")
+            engine.docker("import", str(many), "bench/many:1", timeout=600)
+        overlay2 = engines["overlay2"]
+        overlay2.docker("import", str(big), "bench/big:1", timeout=600)
+        load_tar = workdir / "big-image.tar"
+        overlay2.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
+        big.unlink()
+        status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
+        rows = bench_pair(engines, args.reps, load_tar)
+    finally:
+        for engine in engines.values():
+            engine.close()
+        if workdir.exists():
+            harness.remove_workdir(workdir)
+    print(f"strata overlay status: {status.strip()}")
+    print(f"median of {args.reps} runs (load: {max(2, args.reps // 2)}); "
+          "ratio = strata / overlay2, < 1 means strata is faster")
+    widths = [max(len(r[i]) for r in [["", "strata s", "overlay2 s", "ratio"], *rows])
+              for i in range(4)]
+    for r in [["", "strata s", "overlay2 s", "ratio"], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
