@@ -28,6 +28,7 @@ from plugin.errors import DeadlineExceeded, InvalidArgument, StrataError
 from plugin.idtools import IDMap
 from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader
+from plugin.state.layers import validate_id
 
 log = logging.getLogger("strata.server")
 
@@ -109,9 +110,17 @@ async def decode(request: web.Request, kind: type[Req]) -> Req:
         raise InvalidArgument(f"{op_name(request)}: empty request body")
     value = msgspec.json.decode(body, type=kind)
     layer_id = getattr(value, "ID", None)
-    if layer_id:
+    if layer_id is not None:
         request[LAYER_ID] = layer_id
+        validate_ids(layer_id, getattr(value, "Parent", ""))
     return value
+
+
+def validate_ids(layer_id: str, parent: str) -> None:
+    """Every ID from the wire is checked here, once, before any backend sees it."""
+    validate_id(layer_id)
+    if parent:
+        validate_id(parent, "Parent")
 
 
 def driver_of(request: web.Request) -> Driver:
@@ -238,6 +247,12 @@ async def apply_diff(request: web.Request) -> web.Response:
     layer_id = request.query.get("id", "")
     parent = request.query.get("parent", "")
     request[LAYER_ID] = layer_id
+    try:
+        validate_ids(layer_id, parent)
+    except InvalidArgument:
+        while await request.content.read(CHUNK):
+            pass
+        raise
     reader = BodyReader(request.content, asyncio.get_running_loop())
     try:
         # No deadline: the time is the sender's (a commit streams a Diff in).
