@@ -13,15 +13,17 @@ import os
 import shutil
 import subprocess
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.backends import backend_data_root, btrfs_fs, zfs_pool  # noqa: F401 (fixtures)
 from tests.engine import harness
 from tests.engine.harness import BASE_IMAGE, INTREE_DRIVER
 from tests.engine.rootfs import BUSYBOX, Rootfs, build_rootfs_tar
 
-BACKENDS = ["vfs"]  # plugin backends to run the whole ring on
+BACKENDS = ["vfs", "overlay", "btrfs", "zfs"]  # plugin backends to run the whole ring on
 # dockerd 20.10 writes its trust key here on every start and has no flag to move it
 KEY_JSON = Path("/etc/docker/key.json")
 
@@ -69,28 +71,37 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def _open_stack(dockerd_bin: str, backend: str) -> harness.Stack:
-    return harness.start_stack(dockerd_bin, backend, intree_driver=INTREE_DRIVER)
+@contextmanager
+def _open_stack(
+    dockerd_bin: str, backend: str, request: pytest.FixtureRequest
+) -> Iterator[harness.Stack]:
+    # btrfs and zfs need the data root on their filesystem (tests/backends.py)
+    with backend_data_root(request, backend if INTREE_DRIVER is None else "") as on:
+        engine = harness.start_stack(
+            dockerd_bin, backend, intree_driver=INTREE_DRIVER, data_root_on=on
+        )
+        try:
+            yield engine
+        finally:
+            engine.close()
 
 
 @pytest.fixture(scope="module")
-def stack(dockerd_bin: str, backend: str) -> Iterator[harness.Stack]:
+def stack(
+    dockerd_bin: str, backend: str, request: pytest.FixtureRequest
+) -> Iterator[harness.Stack]:
     """One plugin + one dockerd shared by a test module."""
-    engine = _open_stack(dockerd_bin, backend)
-    try:
+    with _open_stack(dockerd_bin, backend, request) as engine:
         yield engine
-    finally:
-        engine.close()
 
 
 @pytest.fixture
-def fresh_stack(dockerd_bin: str, backend: str) -> Iterator[harness.Stack]:
+def fresh_stack(
+    dockerd_bin: str, backend: str, request: pytest.FixtureRequest
+) -> Iterator[harness.Stack]:
     """A private plugin + dockerd for a test that must own the whole data root."""
-    engine = _open_stack(dockerd_bin, backend)
-    try:
+    with _open_stack(dockerd_bin, backend, request) as engine:
         yield engine
-    finally:
-        engine.close()
 
 
 @pytest.fixture
@@ -117,6 +128,24 @@ def overlay2(dockerd_bin: str) -> Iterator[harness.Dockerd]:
         yield daemon
     finally:
         daemon.close()
+
+
+#: Tests that check xattrs (user.test, security.capability) on the plugin's
+#: layers; zfs-fuse stores none (ENOTSUP even with xattr=on, host.md §3).
+NEEDS_XATTRS = {
+    "test_run_sees_the_imported_tree",
+    "test_diff_size_commit_and_driver_name",
+    "test_save_load_round_trip_with_overlay2",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (callspec is not None and callspec.params.get("backend") == "zfs"
+                and getattr(item, "originalname", "") in NEEDS_XATTRS):
+            item.add_marker(pytest.mark.skip(
+                reason="zfs-fuse stores no xattrs (ENOTSUP), and this test checks them"))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -548,11 +548,23 @@ class Stack:
                     remove_workdir(self.dockerd.workdir)
 
 
-def start_stack(dockerd_bin: str, backend: str, intree_driver: str | None = None) -> Stack:
-    """A plugin named strata-t<random6> and a dockerd using it (or an in-tree driver)."""
+def start_stack(
+    dockerd_bin: str,
+    backend: str,
+    intree_driver: str | None = None,
+    data_root_on: Path | None = None,
+) -> Stack:
+    """A plugin named strata-t<random6> and a dockerd using it (or an in-tree driver).
+
+    ``data_root_on``: a directory on the filesystem the backend needs (btrfs,
+    zfs); it is bind-mounted as the data root, so dockerd's Home is on it and
+    the usual work-directory teardown unmounts it.
+    """
     workdir = new_workdir()
     plugin = None
     try:
+        if data_root_on is not None:
+            bind_private(data_root_on, workdir / "root")
         if intree_driver:
             driver = intree_driver
         else:
@@ -580,6 +592,16 @@ def start_stack(dockerd_bin: str, backend: str, intree_driver: str | None = None
         if workdir.exists():
             remove_workdir(workdir)
         raise
+
+
+def bind_private(source: Path, target: Path) -> None:
+    """Bind ``source`` at ``target``, private: mounts under it must not propagate back."""
+    target.mkdir()
+    for argv in (["mount", "--bind", str(source), str(target)],
+                 ["mount", "--make-private", str(target)]):
+        result = subprocess.run(argv, check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HarnessError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
 
 def start_intree(dockerd_bin: str, driver: str) -> Dockerd:
