@@ -189,7 +189,7 @@ class OverlayDriver(RefCountedStore, Driver):
                 return
             # Detach first: a container process may still hold files open, and a
             # busy mount must never make Remove fail (EBUSY).
-            mountapi.unmount(self.merged_dir(layer_dir))
+            self._detach(self.merged_dir(layer_dir))
             link = self._read(os.path.join(layer_dir, "link"))
             self.store.remove(layer_id)
             if link:
@@ -234,7 +234,11 @@ class OverlayDriver(RefCountedStore, Driver):
 
     def _unmount(self, layer_dir: str) -> None:
         if os.path.isdir(os.path.join(layer_dir, "merged")):
-            mountapi.unmount(self.merged_dir(layer_dir))
+            self._detach(self.merged_dir(layer_dir))
+
+    def _detach(self, mountpoint: str) -> None:
+        """Unmount ``mountpoint`` lazily, if mounted (fuse-overlayfs overrides)."""
+        mountapi.unmount(mountpoint)
 
     def release_stale_mount(self, layer_id: str) -> None:
         self._unmount(self.store.layer_dir(layer_id))
@@ -315,7 +319,7 @@ class OverlayDriver(RefCountedStore, Driver):
 
     def cleanup(self) -> None:
         for path in mounts_under(self.store.layers_dir):
-            mountapi.unmount(path)
+            self._detach(path)
         for layer_id in self.refs.active():
             self.refs.forget(layer_id)
 

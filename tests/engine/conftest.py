@@ -23,7 +23,7 @@ from tests.engine import harness
 from tests.engine.harness import BASE_IMAGE, INTREE_DRIVER
 from tests.engine.rootfs import BUSYBOX, Rootfs, build_rootfs_tar
 
-BACKENDS = ["vfs", "overlay", "btrfs", "zfs"]  # plugin backends to run the whole ring on
+BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]  # plugin backends to run the whole ring on
 # dockerd 20.10 writes its trust key here on every start and has no flag to move it
 KEY_JSON = Path("/etc/docker/key.json")
 
