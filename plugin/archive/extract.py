@@ -23,22 +23,22 @@ import logging
 import os
 import shutil
 import stat
-import tarfile
 from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote
 
 from plugin.archive import tarheader as th
+from plugin.archive import tarread as tr
+from plugin.archive.tarread import Entry, TarFormatError, TarReader
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
 
 log = logging.getLogger("strata.archive")
 
-_COPY_CHUNK = 1 << 20
 _PLNK_STASH = ".wh..wh.strata-plnk"
-_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
-_DEVICE_TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
-                 tarfile.FIFOTYPE: stat.S_IFIFO}
+_DEVICE_TYPES = {tr.CHRTYPE: stat.S_IFCHR, tr.BLKTYPE: stat.S_IFBLK, tr.FIFOTYPE: stat.S_IFIFO}
+# O_EXCL|O_NOFOLLOW: a path we did not just clear is never written through.
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _IGNORED_XATTR_ERRNOS = (errno.ENOTSUP, errno.EPERM)
 
 
@@ -55,6 +55,9 @@ class _DirTimes:
 
 def clean_name(name: str) -> str:
     """Docker's ``filepath.Clean`` + breakout check: relative, no ``..``; root is ``.``."""
+    if (name and name[0] not in "./" and name[-1] != "/" and "/." not in name
+            and "//" not in name):
+        return name  # already clean: the common case, without normpath's cost
     cleaned = (os.path.normpath(name) if name else ".").lstrip("/") or "."
     if cleaned == ".." or cleaned.startswith("../"):
         raise BadEntry(f"{name!r} is outside of the layer root")
@@ -85,15 +88,21 @@ class LayerExtractor:
         self.size = 0
         self._unpacked: set[str] = set()
         self._dirs: list[_DirTimes] = []
-        self._plnk: dict[str, tarfile.TarInfo] = {}
+        self._plnk: dict[str, Entry] = {}
         self._host_root = idmap.root_pair() if not idmap.empty else (0, 0)
         self._ignored_xattrs = 0
+        # Directories (absolute) known to exist as directories; cleared on any removal, so a
+        # directory replaced by something else is looked at again.
+        self._known_dirs: set[str] = {self.root}
+        self._prefix = self.root.rstrip("/") + "/"
 
     # -- driving loop ----------------------------------------------------------
 
-    def run(self, fileobj: IO[bytes]) -> int:
+    def run(self, source: int | IO[bytes]) -> int:
+        """Extract the tar read from ``source`` (a file descriptor, ideally a pipe, or a
+        binary file object); return the sum of its header sizes."""
         try:
-            self._run(fileobj)
+            self._run(TarReader(source))
         finally:
             if self._plnk:
                 shutil.rmtree(self._abs(_PLNK_STASH), ignore_errors=True)
@@ -102,42 +111,33 @@ class LayerExtractor:
                         self._ignored_xattrs)
         return self.size
 
-    def _run(self, fileobj: IO[bytes]) -> None:
-        try:
-            tar = th.open_reader(fileobj)
-        except tarfile.ReadError as exc:
-            raise InvalidArgument(f"layer tar: {_read_error_text(exc)}") from None
-        with tar:
-            while True:
-                info = self._next(tar)
-                if info is None:
-                    break
-                # Stream mode would otherwise keep every header ever read.
-                tar.members.clear()
-                self.size += info.size
-                try:
-                    self._entry(tar, info)
-                except StrataError as exc:
-                    raise type(exc)(f"layer tar entry {info.name!r}: {exc}") from None
-                except OSError as exc:
-                    raise _os_error(info.name, exc) from None
-                except (tarfile.TarError, EOFError) as exc:
-                    raise InvalidArgument(
-                        f"layer tar entry {info.name!r}: {_read_error_text(exc)}") from None
+    def _run(self, tar: TarReader) -> None:
+        while True:
+            info = self._next(tar)
+            if info is None:
+                break
+            self.size += info.size
+            try:
+                self._entry(tar, info)
+            except StrataError as exc:
+                raise type(exc)(f"layer tar entry {info.name!r}: {exc}") from None
+            except OSError as exc:
+                raise _os_error(info.name, exc) from None
+            except TarFormatError as exc:
+                raise InvalidArgument(f"layer tar entry {info.name!r}: {exc}") from None
         for times in self._dirs:
             self._set_times(times.path, times.atime_ns, times.mtime_ns, missing_ok=True)
 
-    def _next(self, tar: th.LayerTarFile) -> tarfile.TarInfo | None:
+    def _next(self, tar: TarReader) -> Entry | None:
         try:
-            info = tar.next()
-        except (tarfile.TarError, EOFError) as exc:
-            raise InvalidArgument(f"layer tar: {_read_error_text(exc)}") from None
-        if info is None and tar.header_error is not None:
+            return tar.next()
+        except TarFormatError as exc:
+            if tar.entries_read == 0:
+                raise InvalidArgument(f"layer tar: {exc}") from None
             raise InvalidArgument(f"layer tar: bad header after {self.size} bytes of "
-                                  f"content: {tar.header_error}")
-        return info
+                                  f"content: {exc}") from None
 
-    def _entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    def _entry(self, tar: TarReader, info: Entry) -> None:
         rel = clean_name(info.name)
         base = os.path.basename(rel)
         if _is_aufs_metadata(rel) or _is_aufs_metadata(base):
@@ -155,7 +155,9 @@ class LayerExtractor:
     # -- path helpers ----------------------------------------------------------
 
     def _abs(self, rel: str) -> str:
-        return self.root if rel == "." else os.path.join(self.root, rel)
+        if rel == ".":
+            return self.root
+        return self._prefix + rel
 
     def _confine(self, path: str) -> None:
         """Without a chroot, refuse a path whose resolved location leaves root."""
@@ -166,27 +168,44 @@ class LayerExtractor:
             raise BadEntry(f"{path!r} resolves outside of the layer root")
 
     def _ensure_parent(self, rel: str) -> str:
-        parent = self._abs(os.path.dirname(rel) or ".")
-        self._confine(parent)
-        if not os.path.lexists(parent):
+        cut = rel.rfind("/")
+        parent = self._prefix + rel[:cut] if cut > 0 else self.root
+        if self.root != "/":
+            self._confine(parent)
+        if parent in self._known_dirs:
+            return parent
+        try:
+            if stat.S_ISDIR(os.lstat(parent).st_mode):
+                self._known_dirs.add(parent)
+        except FileNotFoundError:
             # Docker uses 0600 here; 0755 keeps the directory usable when the tar
             # never names it (a later header for it still sets its real mode).
             os.makedirs(parent, 0o755, exist_ok=True)
+            self._known_dirs.add(parent)
         return parent
+
+    def _remove(self, path: str) -> None:
+        self._known_dirs.clear()
+        self._known_dirs.add(self.root)
+        remove_all(path)
 
     # -- whiteouts ---------------------------------------------------------------
 
-    def _aufs_metadata(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str) -> None:
+    def _aufs_metadata(self, tar: TarReader, info: Entry, rel: str) -> None:
         """Keep regular files under /.wh..wh.plnk: later hardlinks may point at them."""
         if not (rel.startswith(th.WHITEOUT_LINK_DIR + "/") and info.isreg()):
             return
         stash = self._abs(_PLNK_STASH)
         os.makedirs(stash, 0o700, exist_ok=True)
         key = os.path.basename(rel)
-        self._write_regular(tar, info, os.path.join(stash, key))
+        fd = os.open(os.path.join(stash, key), _CREATE_FLAGS & ~os.O_EXCL | os.O_TRUNC, 0o600)
+        try:
+            tar.copy_body(fd, info)
+        finally:
+            os.close(fd)
         self._plnk[key] = info
 
-    def _whiteout(self, info: tarfile.TarInfo, parent: str, base: str) -> None:
+    def _whiteout(self, info: Entry, parent: str, base: str) -> None:
         if base == th.WHITEOUT_OPAQUE:
             if self.overlay:
                 os.setxattr(parent, th.OVERLAY_OPAQUE_XATTR, b"y", follow_symlinks=False)
@@ -194,7 +213,7 @@ class LayerExtractor:
                 self._drop_lower(parent)
             return
         target = os.path.join(parent, base[len(th.WHITEOUT_PREFIX):])
-        remove_all(target)
+        self._remove(target)
         if self.overlay:
             os.mknod(target, stat.S_IFCHR, 0)
             uid, gid = self._host_ids(info)
@@ -215,60 +234,83 @@ class LayerExtractor:
                 entries = list(it)
             for entry in entries:
                 if entry.path not in self._unpacked:
-                    remove_all(entry.path)
+                    self._remove(entry.path)
                 elif entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
 
     # -- entry creation ----------------------------------------------------------
 
-    def _root_entry(self, info: tarfile.TarInfo) -> None:
+    def _root_entry(self, info: Entry) -> None:
         if not info.isdir():
             raise BadEntry("the layer root entry must be a directory")
         self._apply_metadata(info, self.root)
         self._defer_dir_times(info, self.root)
 
-    def _create(self, tar: tarfile.TarFile, info: tarfile.TarInfo, rel: str) -> None:
+    def _create(self, tar: TarReader, info: Entry, rel: str) -> None:
         path = self._abs(rel)
+        if info.type in tr.REGULAR_TYPES:
+            self._regular(tar, info, path)
+        elif info.isdir():
+            self._directory(info, path)
+        else:
+            self._clear(path)
+            meta = info
+            if info.islnk():
+                meta = self._hardlink(info, path)
+            elif info.issym():
+                self._symlink(info, path)
+            elif info.type in _DEVICE_TYPES:
+                dev = 0 if info.isfifo() else os.makedev(info.devmajor, info.devminor)
+                os.mknod(path, _DEVICE_TYPES[info.type] | 0o600, dev)
+            else:
+                raise BadEntry(f"unhandled tar header type {info.type!r}")
+            # A hardlink to a symlink: chmod/utime would act on the symlink's target.
+            if not (info.islnk() and stat.S_ISLNK(os.lstat(path).st_mode)):
+                self._apply_metadata(meta, path)
+        self._unpacked.add(path)
+
+    def _clear(self, path: str) -> None:
+        """Remove whatever is at ``path`` (the entry replaces it)."""
         try:
             existing = os.lstat(path)
         except FileNotFoundError:
-            existing = None
-        if existing is not None and not (stat.S_ISDIR(existing.st_mode) and info.isdir()):
-            remove_all(path)
-        meta = info
-        if info.isdir():
-            if existing is None or not stat.S_ISDIR(existing.st_mode):
+            return
+        self._remove(path) if stat.S_ISDIR(existing.st_mode) else os.unlink(path)
+
+    def _directory(self, info: Entry, path: str) -> None:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):  # dir over dir merges
+                self._clear(path)
                 os.mkdir(path, 0o700)
-        elif info.type in _REGULAR_TYPES:
-            self._write_regular(tar, info, path)
-        elif info.islnk():
-            meta = self._hardlink(info, path)
-        elif info.issym():
-            self._symlink(info, path)
-        elif info.type in _DEVICE_TYPES:
-            dev = 0 if info.isfifo() else os.makedev(info.devmajor, info.devminor)
-            os.mknod(path, _DEVICE_TYPES[info.type] | 0o600, dev)
-        else:
-            raise BadEntry(f"unhandled tar header type {info.type!r}")
-        # A hardlink to a symlink: chmod/utime would act on the symlink's target.
-        if not (info.islnk() and stat.S_ISLNK(os.lstat(path).st_mode)):
-            self._apply_metadata(meta, path)
-        if info.isdir():
-            self._defer_dir_times(meta, path)
-        self._unpacked.add(path)
+        self._known_dirs.add(path)
+        self._apply_metadata(info, path)
+        self._defer_dir_times(info, path)
 
-    def _write_regular(self, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str) -> None:
-        # O_EXCL|O_NOFOLLOW: the path was just cleared, so anything there now is hostile.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            src = tar.extractfile(info)
-            if src is None:
-                return
-            while chunk := src.read(_COPY_CHUNK):
-                out.write(chunk)
+    def _regular(self, tar: TarReader, info: Entry, path: str) -> None:
+        """Create, fill and finish a file through one descriptor: fchown, xattrs, fchmod
+        and futimens on the fd spare a path lookup each (docker's order: chown clears
+        set-id bits, so chmod comes after it)."""
+        try:
+            fd = os.open(path, _CREATE_FLAGS, 0o600)
+        except FileExistsError:
+            self._clear(path)
+            fd = os.open(path, _CREATE_FLAGS, 0o600)
+        try:
+            if info.data_size:
+                tar.copy_body(fd, info)
+            uid, gid = self._host_ids(info)
+            os.fchown(fd, uid, gid)
+            if info.pax_headers:
+                self._set_xattrs(info, fd)
+            os.fchmod(fd, info.mode & 0o7777)
+            mtime = th.entry_mtime_ns(info)
+            os.utime(fd, ns=(th.entry_atime_ns(info, mtime), mtime))
+        finally:
+            os.close(fd)
 
-    def _hardlink(self, info: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    def _hardlink(self, info: Entry, path: str) -> Entry:
         target_rel = clean_name(info.linkname)
         if target_rel.startswith(th.WHITEOUT_LINK_DIR + "/"):
             return self._plnk_copy(info, target_rel, path)
@@ -284,7 +326,7 @@ class LayerExtractor:
             raise BadEntry(f"cannot hardlink to {info.linkname!r}: {exc.strerror}") from None
         return info
 
-    def _plnk_copy(self, info: tarfile.TarInfo, target_rel: str, path: str) -> tarfile.TarInfo:
+    def _plnk_copy(self, info: Entry, target_rel: str, path: str) -> Entry:
         """Legacy AUFS images link into /.wh..wh.plnk, which is never materialised."""
         key = os.path.basename(target_rel)
         source = self._plnk.get(key)
@@ -293,7 +335,7 @@ class LayerExtractor:
         shutil.copyfile(os.path.join(self._abs(_PLNK_STASH), key), path, follow_symlinks=False)
         return source
 
-    def _symlink(self, info: tarfile.TarInfo, path: str) -> None:
+    def _symlink(self, info: Entry, path: str) -> None:
         if self.root != "/" and not os.path.isabs(info.linkname):
             # Docker's lexical check; in the chroot every target is confined anyway.
             joined = os.path.normpath(os.path.join(os.path.dirname(path), info.linkname))
@@ -303,7 +345,7 @@ class LayerExtractor:
 
     # -- metadata ------------------------------------------------------------------
 
-    def _host_ids(self, info: tarfile.TarInfo) -> tuple[int, int]:
+    def _host_ids(self, info: Entry) -> tuple[int, int]:
         if self.idmap.empty:
             return info.uid, info.gid
         root_uid, root_gid = self._host_root
@@ -312,7 +354,7 @@ class LayerExtractor:
         gid = info.gid if info.gid == root_gid else self.idmap.to_host(0, info.gid)[1]
         return uid, gid
 
-    def _apply_metadata(self, meta: tarfile.TarInfo, path: str) -> None:
+    def _apply_metadata(self, meta: Entry, path: str) -> None:
         """lchown, xattrs, chmod, times — in docker's order (chown clears setuid bits)."""
         uid, gid = self._host_ids(meta)
         os.chown(path, uid, gid, follow_symlinks=False)
@@ -324,19 +366,20 @@ class LayerExtractor:
             mtime = th.entry_mtime_ns(meta)
             self._set_times(path, th.entry_atime_ns(meta, mtime), mtime)
 
-    def _set_xattrs(self, info: tarfile.TarInfo, path: str) -> None:
+    def _set_xattrs(self, info: Entry, path: str | int) -> None:
         for name, value in _entry_xattrs(info):
             if self.overlay and name.startswith(th.OVERLAY_XATTR_PREFIX):
                 # Only the opaque marker may create overlay metadata in an upper dir.
                 continue
             try:
-                os.setxattr(path, name, value, follow_symlinks=False)
+                # A descriptor is the file itself; a path must not be followed.
+                os.setxattr(path, name, value, follow_symlinks=isinstance(path, int))
             except OSError as exc:
                 if exc.errno not in _IGNORED_XATTR_ERRNOS:
                     raise
                 self._ignored_xattrs += 1
 
-    def _defer_dir_times(self, info: tarfile.TarInfo, path: str) -> None:
+    def _defer_dir_times(self, info: Entry, path: str) -> None:
         mtime = th.entry_mtime_ns(info)
         self._dirs.append(_DirTimes(path, th.entry_atime_ns(info, mtime), mtime))
 
@@ -353,7 +396,7 @@ def _is_aufs_metadata(name: str) -> bool:
     return name.startswith(th.WHITEOUT_META_PREFIX) and name != th.WHITEOUT_OPAQUE
 
 
-def _entry_xattrs(info: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+def _entry_xattrs(info: Entry) -> list[tuple[str, bytes]]:
     found: list[tuple[str, bytes]] = []
     for key, value in info.pax_headers.items():
         if key.startswith(th.SCHILY_XATTR):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Self, cast
 
 from plugin.archive.changes import Change, ChangeKind
+from plugin.archive.zygote import ForkedWorker, Zygote, ZygoteError
 from plugin.errors import InvalidArgument, NotFound, StrataError
 from plugin.idtools import IDMappings
 
@@ -45,12 +46,29 @@ class ApplyOptions:
     whiteout_format: str = "aufs"
 
 
-def _spawn(args: list[str], stdout: int, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+#: A worker: forked by the zygote, or (when that fails) a process of its own.
+WorkerProcess = subprocess.Popen[bytes] | ForkedWorker
+
+
+def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+_ZYGOTE = Zygote(_worker_env())
+
+
+def _spawn(args: list[str], stderr: IO[bytes]) -> WorkerProcess:
+    """A worker with stdin and stdout pipes; forked from the warm zygote when possible."""
+    try:
+        return _ZYGOTE.start(args, stderr, want_stdout=True)
+    except ZygoteError as exc:
+        log.warning("%s; starting the archive worker as a new process", exc)
     return subprocess.Popen(
         [sys.executable, "-m", "plugin.archive.worker", *args],
-        stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env=env, close_fds=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=_worker_env(),
+        close_fds=True,
     )
 
 
@@ -67,7 +85,7 @@ def _relay_log(stderr: IO[bytes]) -> list[str]:
 class TarStream:
     """A layer tar read from a child process's stdout."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stderr: IO[bytes], what: str) -> None:
+    def __init__(self, proc: WorkerProcess, stderr: IO[bytes], what: str) -> None:
         self._proc = proc
         self._stderr = stderr
         self._what = what
@@ -134,7 +152,9 @@ def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
         "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes],
     }
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the TarStream
-    proc = _spawn(["export"], subprocess.PIPE, stderr)
+    proc = _spawn(["export"], stderr)
+    # With 64 KiB the server would move the tar in 64 KiB reads, one thread hop each.
+    _widen_pipe(proc.stdout)
     assert proc.stdin is not None
     try:
         proc.stdin.write(json.dumps(spec).encode() + b"\n")
@@ -178,7 +198,7 @@ def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
     args = json.dumps({"root": root, "idmap": options.idmap.to_json(),
                        "whiteout_format": options.whiteout_format})
     with tempfile.TemporaryFile() as stderr:
-        proc = _spawn(["apply", args], subprocess.PIPE, stderr)
+        proc = _spawn(["apply", args], stderr)
         _widen_pipe(proc.stdin)
         try:
             _feed(proc, stream)
@@ -197,7 +217,7 @@ def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
 
 def _widen_pipe(pipe: IO[bytes] | None) -> None:
     """A 64 KiB pipe makes the copy ping-pong between processes; 1 MiB (the default
-    /proc/sys/fs/pipe-max-size) roughly doubles apply throughput."""
+    /proc/sys/fs/pipe-max-size) roughly doubles throughput either way."""
     if pipe is None:
         return
     try:
@@ -206,7 +226,7 @@ def _widen_pipe(pipe: IO[bytes] | None) -> None:
         pass  # an unprivileged limit lower than 1 MiB: keep the default size
 
 
-def _feed(proc: subprocess.Popen[bytes], stream: BinaryIO) -> None:
+def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
     """Copy ``stream`` into the child's stdin; after the child stops reading, keep
     draining ``stream`` so the sender always sees its body consumed."""
     stdin = proc.stdin

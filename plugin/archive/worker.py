@@ -6,6 +6,8 @@ pipes only:
 
 * ``apply ARGS_JSON``: layer tar on stdin; one JSON line on stdout:
   ``{"size": N}`` or ``{"error": "...", "kind": "InvalidArgument"|"StrataError"}``.
+* ``zygote FD``: serve fork requests on the socket FD (``zygote.py``); each
+  forked child then runs ``apply`` or ``export`` as above.
 * ``export``: one JSON line on stdin (root, changes or null, idmap, whiteout
   format; it can be megabytes, too big for argv), the tar on stdout.  A fatal
   failure exits non-zero after a ``FATAL <message>`` line on stderr.
@@ -30,10 +32,8 @@ from plugin.idtools import IDMappings
 
 log = logging.getLogger("strata.archive")
 
-_STDIN_BUFFER = 1 << 20
 
-
-def _apply(args: dict[str, Any], stdin: IO[bytes]) -> dict[str, Any]:
+def _apply(args: dict[str, Any], stdin: int) -> dict[str, Any]:
     root = args["root"]
     idmap = IDMappings.from_json(args["idmap"])
     fmt = args["whiteout_format"]
@@ -75,9 +75,8 @@ def main(argv: list[str]) -> int:
                         format="%(levelname)s %(message)s")
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if len(argv) == 2 and argv[0] == "apply":
-        # tarfile reads the stream 10 KiB at a time; a big buffer turns that into few syscalls.
-        stdin = open(sys.stdin.fileno(), "rb", buffering=_STDIN_BUFFER, closefd=False)  # noqa: SIM115
-        result = _apply(json.loads(argv[1]), stdin)
+        # The reader takes the raw pipe: it buffers itself and splices file bodies.
+        result = _apply(json.loads(argv[1]), sys.stdin.fileno())
         stdout.write(json.dumps(result).encode() + b"\n")
         stdout.flush()
         return 0
@@ -92,7 +91,12 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"{FATAL_PREFIX}{exc}\n")
             return 1
         return 0
-    sys.stderr.write(f"{FATAL_PREFIX}usage: worker apply ARGS_JSON | worker export\n")
+    if len(argv) == 2 and argv[0] == "zygote":
+        from plugin.archive import zygote
+
+        return zygote.main(int(argv[1]))
+    sys.stderr.write(f"{FATAL_PREFIX}usage: worker apply ARGS_JSON | worker export | "
+                     "worker zygote FD\n")
     return 2
 
 

@@ -18,9 +18,11 @@ import logging
 import os
 import pwd
 import stat
+import struct
 import tarfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import IO
 
 from plugin.archive import tarheader as th
@@ -29,7 +31,11 @@ from plugin.idtools import IDMappings
 
 log = logging.getLogger("strata.archive")
 
-_COPY_BUFSIZE = 1 << 20
+BLOCKSIZE, RECORDSIZE = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+_FLUSH_AT = 1 << 20
+_READ_CHUNK = 1 << 20
+# Below this a body is read into the batch buffer: one read beats flush + sendfile.
+_SENDFILE_MIN = 256 << 10
 _CAP_XATTR = "security.capability"
 _VFS_CAP_REVISION_2, _VFS_CAP_REVISION_3, _XATTR_CAPS_SZ_2 = 2, 3, 20
 _TYPES = {
@@ -42,51 +48,186 @@ class SkipEntry(Exception):
     """This path cannot go into the tar; log it and carry on."""
 
 
-class _CountingWriter:
-    """tarfile's seekable-mode writer needs ``tell()``; a pipe has none."""
+@dataclass(slots=True)
+class _Header:
+    name: str
+    type: bytes
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0
+    linkname: str = ""
+    uname: str = ""
+    gname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    pax: dict[str, str] = field(default_factory=dict)
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self._pos = 0
 
-    def write(self, data: bytes) -> int:
-        self._raw.write(data)
-        self._pos += len(data)
-        return len(data)
+def _field(text: str, length: int) -> bytes:
+    return text.encode("ascii", "replace")[:length]
 
-    def tell(self) -> int:
-        return self._pos
+
+# name mode uid gid size mtime chksum type linkname magic uname gname devmajor devminor
+# prefix: struct pads each "s" field with NULs (and cuts what is too long), as tarfile's stn.
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+_CHKSUM_BLANK = b"        "
+
+
+def _ustar_block(h: _Header, name: str, linkname: str, uname: str, gname: str,
+                 size: int, mode: int) -> bytes:
+    """tarfile's ``_create_header(info, USTAR_FORMAT, "ascii", "replace")`` byte for byte,
+    except that the mode keeps its file type bits (Go's archive/tar does; tarfile masks)."""
+    is_device = h.type in (tarfile.CHRTYPE, tarfile.BLKTYPE)
+    block = _USTAR.pack(
+        _field(name, 100), b"%07o" % mode, b"%07o" % h.uid, b"%07o" % h.gid, b"%011o" % size,
+        b"%011o" % h.mtime, _CHKSUM_BLANK, h.type, _field(linkname, 100), tarfile.POSIX_MAGIC,
+        _field(uname, 32), _field(gname, 32),
+        b"%07o" % h.devmajor if is_device else b"", b"%07o" % h.devminor if is_device else b"",
+        b"")
+    return b"%s%06o\0 %s" % (block[:148], sum(block), block[156:])
+
+
+def _plain(h: _Header) -> bool:
+    """True when the ustar block holds the entry as it is: no PAX header needed."""
+    return (not h.pax and h.name.isascii() and len(h.name) <= 100 and h.linkname.isascii()
+            and len(h.linkname) <= 100 and h.uname.isascii() and len(h.uname) <= 32
+            and h.gname.isascii() and len(h.gname) <= 32 and 0 <= h.uid < _MAX_ID
+            and 0 <= h.gid < _MAX_ID and 0 <= h.size < _MAX_NUM and 0 <= h.mtime < _MAX_NUM)
+
+
+_MAX_ID, _MAX_NUM = 8 ** 7, 8 ** 11
+_PAX_STRINGS = (("name", "path", 100), ("linkname", "linkpath", 100), ("uname", "uname", 32),
+                ("gname", "gname", 32))
+
+
+def encode_header(h: _Header) -> bytes:
+    """``TarInfo.tobuf(PAX_FORMAT)`` of a DockerTarInfo: a PAX header only for what the
+    ustar block cannot hold (non-ASCII or long strings, big numbers) and for xattrs."""
+    mode = h.mode if h.mode > 0o7777 else h.mode & 0o7777
+    if _plain(h):
+        return _ustar_block(h, h.name, h.linkname, h.uname, h.gname, h.size, mode)
+    pax = dict(h.pax)
+    values = {"name": h.name, "linkname": h.linkname, "uname": h.uname, "gname": h.gname}
+    for attr, keyword, length in _PAX_STRINGS:
+        if keyword in pax:
+            continue
+        text = values[attr]
+        if not text.isascii() or len(text) > length:
+            pax[keyword] = text
+    numbers = {"uid": h.uid, "gid": h.gid, "size": h.size, "mtime": h.mtime}
+    for key, digits in (("uid", 8), ("gid", 8), ("size", 12), ("mtime", 12)):
+        if not 0 <= numbers[key] < 8 ** (digits - 1):
+            if key not in pax:
+                pax[key] = str(numbers[key])
+            numbers[key] = 0
+    fixed = _Header(h.name, h.type, h.mode, numbers["uid"], numbers["gid"], numbers["size"],
+                    numbers["mtime"], h.linkname, h.uname, h.gname, h.devmajor, h.devminor)
+    block = _ustar_block(fixed, h.name, h.linkname, h.uname, h.gname, fixed.size, mode)
+    return _pax_header(pax) + block if pax else block
+
+
+def _pax_header(pax: dict[str, str]) -> bytes:
+    """tarfile's ``_create_pax_generic_header`` (XHDTYPE, surrogateescape for binary)."""
+    binary = False
+    for value in pax.values():
+        try:
+            value.encode("utf-8", "strict")
+        except UnicodeEncodeError:
+            binary = True
+            break
+    records = [b"21 hdrcharset=BINARY\n"] if binary else []
+    for keyword, value in pax.items():
+        key = keyword.encode("utf-8")
+        raw = value.encode(th.ENCODING, th.ERRORS) if binary else value.encode("utf-8")
+        length = len(key) + len(raw) + 3
+        n = p = 0
+        while True:
+            n = length + len(str(p))
+            if n == p:
+                break
+            p = n
+        records.append(str(p).encode("ascii") + b" " + key + b"=" + raw + b"\n")
+    payload = b"".join(records)
+    head = _Header("././@PaxHeader", tarfile.XHDTYPE, size=len(payload))
+    return (_ustar_block(head, head.name, "", "", "", len(payload), 0) + payload
+            + b"\0" * (-len(payload) % BLOCKSIZE))
+
+
+class _Output:
+    """Batches small writes into one ``write`` per ~1 MiB; big bodies go by ``sendfile``."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        out.flush()
+        self._fd = out.fileno()
+        self._buf = bytearray()
+        self.offset = 0
+        self._sendfile_ok = hasattr(os, "sendfile")
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        self.offset += len(data)
+        if len(self._buf) >= _FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
-        self._raw.flush()
+        view = memoryview(self._buf)
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        view.release()
+        self._buf.clear()
 
+    def copy_file(self, src_fd: int, size: int, path: str) -> None:
+        """Exactly ``size`` bytes of ``src_fd``: zeros pad a file that shrank, and a file
+        that grew is cut, so the header written before the data stays true."""
+        left = size
+        if size >= _SENDFILE_MIN and self._sendfile_ok:
+            self.flush()
+            left = self._sendfile(src_fd, size)
+        while left:
+            data = os.read(src_fd, min(left, _READ_CHUNK))
+            if not data:
+                log.warning("%s shrank while being archived; padding with zeros", path)
+                data = b"\0" * left
+            self._buf += data
+            self.offset += len(data)
+            left -= len(data)
+            if len(self._buf) >= _FLUSH_AT:
+                self.flush()
+        self.write(b"\0" * (-size % BLOCKSIZE))
 
-class _ExactReader:
-    """Yields exactly ``size`` bytes: a file that shrank is padded with zeros, one
-    that grew is cut, so the header written before the data stays true."""
+    def _sendfile(self, src_fd: int, size: int) -> int:
+        """Kernel copy file → pipe; returns what is left to copy by hand (0 normally)."""
+        offset = 0
+        while offset < size:
+            try:
+                sent = os.sendfile(self._fd, src_fd, offset, size - offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS) or offset:
+                    raise
+                self._sendfile_ok = False
+                break
+            if sent == 0:
+                break  # the file shrank: the caller pads
+            offset += sent
+        self.offset += offset
+        os.lseek(src_fd, offset, os.SEEK_SET)
+        return size - offset
 
-    def __init__(self, fileobj: IO[bytes], size: int, name: str) -> None:
-        self._file, self._left, self._name = fileobj, size, name
-
-    def read(self, n: int = -1, /) -> bytes:
-        want = self._left if n < 0 else min(n, self._left)
-        data = self._file.read(want) if want else b""
-        if len(data) < want:
-            log.warning("%s shrank while being archived; padding with zeros", self._name)
-            data += b"\0" * (want - len(data))
-        self._left -= len(data)
-        return data
+    def close(self) -> None:
+        # tarfile's end: two zero blocks, then zeros up to a whole 10 KiB record.
+        self.write(b"\0" * (2 * BLOCKSIZE))
+        self.write(b"\0" * (-self.offset % RECORDSIZE))
+        self.flush()
 
 
 class LayerWriter:
     def __init__(self, out: IO[bytes], idmap: IDMappings, whiteout_format: str = "aufs") -> None:
         if whiteout_format not in ("aufs", "overlay"):
             raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
-        self._tar = tarfile.open(  # noqa: SIM115 - closed by close()
-            fileobj=_CountingWriter(out), mode="w", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-            tarinfo=th.DockerTarInfo, encoding=th.ENCODING, errors=th.ERRORS,
-            copybufsize=_COPY_BUFSIZE,
-        )
+        self._out = _Output(out)
         self._idmap = idmap
         self._overlay = whiteout_format == "overlay"
         self._seen_inodes: dict[tuple[int, int], str] = {}
@@ -94,14 +235,13 @@ class LayerWriter:
         self._gnames: dict[int, str] = {}
 
     def close(self) -> None:
-        self._tar.close()
+        self._out.close()
 
     def add_whiteout(self, name: str) -> None:
         """``name`` is the deleted path, relative; writes ``dir/.wh.base``."""
         head, base = os.path.split(name)
-        info = th.DockerTarInfo(os.path.join(head, th.WHITEOUT_PREFIX + base))
-        info.mode, info.mtime, info.type = 0, int(time.time()), tarfile.REGTYPE
-        self._tar.addfile(info)
+        self._out.write(encode_header(_Header(os.path.join(head, th.WHITEOUT_PREFIX + base),
+                                              tarfile.REGTYPE, mtime=int(time.time()))))
 
     def add_path(self, path: str, name: str) -> None:
         """Add one filesystem path under the relative tar ``name``; skips unreadable ones."""
@@ -124,47 +264,47 @@ class LayerWriter:
         if not is_whiteout and not os.path.basename(name.rstrip("/")).startswith(
                 th.WHITEOUT_PREFIX):
             info.uid, info.gid = self._container_ids(st)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             first = self._seen_inodes.setdefault((st.st_dev, st.st_ino), name)
             if first != name:
                 info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
-                info.pax_headers = {}
+                info.pax = {}
         if is_whiteout:
             self._as_aufs_whiteout(info)
         opaque = self._overlay and stat.S_ISDIR(st.st_mode) and _is_opaque(path)
         self._write(info, path)
         if opaque:
-            self._tar.addfile(self._opaque_marker(info))
+            self._out.write(encode_header(self._opaque_marker(info)))
 
-    def _write(self, info: tarfile.TarInfo, path: str) -> None:
+    def _write(self, info: _Header, path: str) -> None:
         if info.type != tarfile.REGTYPE or info.size == 0:
-            self._tar.addfile(info)
-        else:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb", buffering=0) as src:
-                self._tar.addfile(info, _ExactReader(src, info.size, path))
-        # addfile keeps every header it wrote; a big tree would pin them all.
-        self._tar.members.clear()
+            self._out.write(encode_header(info))
+            return
+        # Open before writing the header: a file that vanished is skipped whole.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._out.write(encode_header(info))
+            self._out.copy_file(fd, info.size, path)
+        finally:
+            os.close(fd)
 
-    def _header(self, path: str, name: str, st: os.stat_result) -> tarfile.TarInfo:
-        kind = stat.S_IFMT(st.st_mode)
+    def _header(self, path: str, name: str, st: os.stat_result) -> _Header:
+        mode = st.st_mode
+        kind = stat.S_IFMT(mode)
         if kind not in _TYPES:
             raise SkipEntry("sockets are not archivable" if kind == stat.S_IFSOCK
                             else f"unsupported file type {kind:o}")
-        info = th.DockerTarInfo(name.rstrip("/") + ("/" if kind == stat.S_IFDIR else ""))
-        info.type = _TYPES[kind]
-        info.mode = st.st_mode
-        info.uid, info.gid = st.st_uid, st.st_gid
-        info.mtime = st.st_mtime_ns // th.NS
-        info.uname, info.gname = self._uname(st.st_uid), self._gname(st.st_gid)
+        info = _Header(name.rstrip("/") + ("/" if kind == stat.S_IFDIR else ""), _TYPES[kind],
+                       mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns // th.NS, "",
+                       self._uname(st.st_uid), self._gname(st.st_gid))
         if kind == stat.S_IFREG:
             info.size = st.st_size
         elif kind == stat.S_IFLNK:
             info.linkname = os.readlink(path)
         elif kind in (stat.S_IFCHR, stat.S_IFBLK):
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        info.pax_headers = {th.SCHILY_XATTR + key: th.pax_value_str(value)
-                            for key, value in read_xattrs(path)}
+        info.pax = {th.SCHILY_XATTR + key: th.pax_value_str(value)
+                    for key, value in read_xattrs(path)}
         return info
 
     def _container_ids(self, st: os.stat_result) -> tuple[int, int]:
@@ -179,19 +319,17 @@ class LayerWriter:
         return self._overlay and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
     @staticmethod
-    def _as_aufs_whiteout(info: tarfile.TarInfo) -> None:
+    def _as_aufs_whiteout(info: _Header) -> None:
         head, base = os.path.split(info.name)
         info.name = os.path.join(head, th.WHITEOUT_PREFIX + base)
         info.type, info.mode, info.size = tarfile.REGTYPE, 0o600, 0
         info.devmajor = info.devminor = 0
 
     @staticmethod
-    def _opaque_marker(dir_info: tarfile.TarInfo) -> tarfile.TarInfo:
-        marker = th.DockerTarInfo(os.path.join(dir_info.name.rstrip("/"), th.WHITEOUT_OPAQUE))
-        marker.type, marker.mode, marker.mtime = tarfile.REGTYPE, dir_info.mode & 0o777, 0
-        marker.uid, marker.gid = dir_info.uid, dir_info.gid
-        marker.uname, marker.gname = dir_info.uname, dir_info.gname
-        return marker
+    def _opaque_marker(dir_info: _Header) -> _Header:
+        return _Header(os.path.join(dir_info.name.rstrip("/"), th.WHITEOUT_OPAQUE),
+                       tarfile.REGTYPE, dir_info.mode & 0o777, dir_info.uid, dir_info.gid,
+                       uname=dir_info.uname, gname=dir_info.gname)
 
     def _uname(self, uid: int) -> str:
         if uid not in self._unames:
