@@ -125,6 +125,8 @@ class LayerExtractor:
                 raise _os_error(info.name, exc) from None
             except TarFormatError as exc:
                 raise InvalidArgument(f"layer tar entry {info.name!r}: {exc}") from None
+            except (ValueError, OverflowError) as exc:  # an owner or time out of range
+                raise InvalidArgument(f"layer tar entry {info.name!r}: {exc}") from None
         for times in self._dirs:
             self._set_times(times.path, times.atime_ns, times.mtime_ns, missing_ok=True)
 
@@ -212,7 +214,10 @@ class LayerExtractor:
             else:
                 self._drop_lower(parent)
             return
-        target = os.path.join(parent, base[len(th.WHITEOUT_PREFIX):])
+        victim = base[len(th.WHITEOUT_PREFIX):]
+        if victim in ("", ".", ".."):
+            raise BadEntry(f"whiteout {info.name!r} names no entry")
+        target = os.path.join(parent, victim)
         self._remove(target)
         if self.overlay:
             os.mknod(target, stat.S_IFCHR, 0)

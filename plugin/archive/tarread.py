@@ -270,6 +270,8 @@ class TarReader:
 
     def _member(self, block: bytes) -> Entry:
         entry = _frombuf(block)
+        if entry.size < 0:  # base-256 can say so; Go's reader refuses it too
+            raise TarFormatError(f"{entry.name!r}: negative size {entry.size}")
         kind = entry.type
         if kind in (GNU_LONGNAME, GNU_LONGLINK):
             payload = self._special(entry.size)
@@ -303,17 +305,18 @@ class TarReader:
     def _pax(self, header: Entry, block: bytes) -> Entry:
         buf = self._special(header.size)
         records = self._global_pax if header.type == XGLTYPE else dict(self._global_pax)
-        _parse_pax(buf, records)
+        decoded = _parse_pax(buf, records)
         nxt = self._member(self._subsequent_block())
         if header.type == XGLTYPE:
             return nxt
         sparse_map: list[tuple[int, int]] | None = None
         if "GNU.sparse.map" in records:
-            numbers = [int(x) for x in records["GNU.sparse.map"].split(",") if x]
+            numbers = [_pax_number("GNU.sparse.map", x)
+                       for x in records["GNU.sparse.map"].split(",") if x]
             sparse_map = list(zip(numbers[::2], numbers[1::2], strict=False))
         elif "GNU.sparse.size" in records:
-            offsets = [int(m) for m in re.findall(rb"\d+ GNU.sparse.offset=(\d+)\n", buf)]
-            sizes = [int(m) for m in re.findall(rb"\d+ GNU.sparse.numbytes=(\d+)\n", buf)]
+            offsets = [_pax_number(k, v) for k, v in decoded if k == "GNU.sparse.offset"]
+            sizes = [_pax_number(k, v) for k, v in decoded if k == "GNU.sparse.numbytes"]
             sparse_map = list(zip(offsets, sizes, strict=False))
         elif records.get("GNU.sparse.major") == "1" and records.get("GNU.sparse.minor") == "0":
             sparse_map = self._sparse_10_map(nxt)
@@ -396,23 +399,49 @@ def _frombuf(block: bytes) -> Entry:
     )
 
 
-def _parse_pax(buf: bytes, records: dict[str, str]) -> None:
-    match = re.search(rb"\d+ hdrcharset=([^\n]+)\n", buf)
-    binary_names = match is not None and match.group(1) == b"BINARY"
+def _pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
+    """Split a PAX body into its ``LEN KEY=VALUE\n`` records, in one linear pass.
+
+    Every lookup below works on this list: a regex searched over the whole
+    body (as CPython 3.11's tarfile does for hdrcharset) is quadratic on a body
+    of digits, which let one crafted header stall an ApplyDiff for hours
+    (CVE-2024-6232)."""
+    out: list[tuple[bytes, bytes]] = []
     pos = 0
-    while True:
+    while pos < len(buf):
         match = _PAX_RECORD.match(buf, pos)
         if not match:
             break
         length = int(match.group(1))
-        if length == 0:
-            raise TarFormatError("invalid header")
-        raw_value = buf[match.end(2) + 1:match.start(1) + length - 1]
-        keyword = _decode(match.group(2))
-        records[keyword] = (raw_value.decode(_ENCODING, _ERRORS)
-                            if binary_names and keyword in _PAX_NAME_FIELDS
-                            else _decode(raw_value))
+        if length < match.end() - pos + 1 or pos + length > len(buf):
+            raise TarFormatError("invalid PAX record length")
+        out.append((match.group(2), buf[match.end():pos + length - 1]))
         pos += length
+    return out
+
+
+def _parse_pax(buf: bytes, records: dict[str, str]) -> list[tuple[str, str]]:
+    raw = _pax_records(buf)
+    binary_names = (b"hdrcharset", b"BINARY") in raw
+    decoded = []
+    for raw_key, raw_value in raw:
+        keyword = _decode(raw_key)
+        value = (raw_value.decode(_ENCODING, _ERRORS)
+                 if binary_names and keyword in _PAX_NAME_FIELDS else _decode(raw_value))
+        records[keyword] = value
+        decoded.append((keyword, value))
+    return decoded
+
+
+def _pax_number(keyword: str, value: str) -> int:
+    """A PAX integer as Go's archive/tar accepts it: decimal, not negative."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise TarFormatError(f"PAX record {keyword}={value[:40]!r} is not a number") from None
+    if number < 0 or (keyword in ("uid", "gid") and number >= 1 << 32):
+        raise TarFormatError(f"PAX record {keyword}={number} is out of range")
+    return number
 
 
 def _decode(raw: bytes) -> str:
@@ -431,17 +460,13 @@ def _apply_pax(entry: Entry, records: dict[str, str]) -> None:
             entry.linkname = value
         elif keyword in _PAX_INT_FIELDS or keyword in ("GNU.sparse.size",
                                                        "GNU.sparse.realsize"):
-            try:
-                number = int(value)
-            except ValueError:
-                number = 0
             attr = "size" if keyword.startswith("GNU.") else keyword
-            setattr(entry, attr, number)
+            setattr(entry, attr, _pax_number(keyword, value))
         elif keyword == "mtime":
             try:
                 entry.mtime = int(float(value))
-            except ValueError:
-                entry.mtime = 0
+            except (ValueError, OverflowError):
+                raise TarFormatError(f"PAX record mtime={value[:40]!r} is not a time") from None
         elif keyword == "GNU.sparse.name":
             entry.name = value
     entry.pax_headers = records

@@ -64,6 +64,9 @@ from plugin.idtools import IDMappings
 from plugin.state.files import write_atomic
 from plugin.state.layers import MAX_ID_LEN, LayerMeta
 
+#: What the kernel (and strata's archive) mark an opaque upper dir with.
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
 log = logging.getLogger("strata.backend.overlay")
 
 LINK_DIR = "l"
@@ -269,10 +272,29 @@ class OverlayDriver(RefCountedStore, Driver):
         with self.applying(layer_id):
             size = apply_layer(self.diff_dir(layer_dir), stream,
                                ApplyOptions(idmap=self.idmap, whiteout_format="overlay"))
+            self._opaque_root(layer_dir)
         meta = self.store.read_meta(layer_id)
         extra = {**meta.extra, DIFF_SIZE_KEY: str(directory_size(self.diff_dir(layer_dir)))}
         self.store.write_meta(layer_dir, msgspec.structs.replace(meta, extra=extra))
         return size
+
+    def _opaque_root(self, layer_dir: str) -> None:
+        """The kernel ignores the opaque xattr on the upper dir's root, so an
+        opaque marker at the root of a layer tar (drop everything below) is
+        written out as a whiteout for each top-level entry of the lower chain
+        that this layer does not itself provide."""
+        diff = self.diff_dir(layer_dir)
+        try:
+            if os.getxattr(diff, OPAQUE_XATTR) != b"y":
+                return
+        except OSError:
+            return
+        os.removexattr(diff, OPAQUE_XATTR)
+        hidden = {name for lower in self.lower_dirs(layer_dir) for name in os.listdir(lower)}
+        uid, gid = self.idmap.root_pair()
+        for name in sorted(hidden - set(os.listdir(diff))):
+            os.mknod(os.path.join(diff, name), stat.S_IFCHR, 0)
+            os.chown(os.path.join(diff, name), uid, gid)
 
     def diff_size(self, layer_id: str, parent: str) -> int:
         layer_dir = self._native(layer_id, parent)
