@@ -95,7 +95,7 @@ def repair(home: str, found: Findings) -> None:
         subprocess.run(["umount", "-l", mountpoint], check=False)
     store = LayerStore(home)
     store.reconcile()
-    for layer_id in found.orphans:
+    for layer_id in [*store.half_applied(), *found.orphans]:
         store.remove(layer_id)
 
 

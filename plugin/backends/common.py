@@ -36,6 +36,17 @@ class RefCountedStore:
         for layer_id in stale:
             self.release_stale_mount(layer_id)
 
+    def reconcile(self) -> None:
+        """Remove layers a crash left half-applied, with the backend's own Remove
+        (it knows their mounts, subvolumes or datasets)."""
+        for layer_id in self.store.half_applied():
+            try:
+                self.remove(layer_id)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("reconcile: cannot remove half-applied layer %s", layer_id)
+            else:
+                log.info("reconcile: removed half-applied layer %s", layer_id)
+
     def mounted_ids(self) -> list[str]:
         """Ids whose mount exists now (mounting backends override)."""
         return []

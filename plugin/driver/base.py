@@ -101,6 +101,9 @@ class ProtoDriver(ABC):
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
+    def reconcile(self) -> None:
+        """Clear what a crash left behind; called once the driver is built."""
+
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         """Mark ``layer_id`` incomplete while a diff is applied to it, so that a
         crash mid-apply leaves a layer start-up removes rather than a half one."""

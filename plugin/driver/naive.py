@@ -87,6 +87,9 @@ class NaiveDiffDriver(Driver):
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         return self.proto.applying(layer_id)
 
+    def reconcile(self) -> None:
+        self.proto.reconcile()
+
     # ---- the diff calls ----------------------------------------------------
     # The diff calls mount layers for their own use: those references are
     # strata's, not dockerd's, and must not outlive the process (see

@@ -59,6 +59,7 @@ def get_driver(name: str, home: str, options: list[str], idmap: IDMappings) -> D
     """Build the backend ``name`` on ``home``; typed errors say why it cannot run."""
     os.makedirs(home, mode=0o710, exist_ok=True)
     driver = _load(name).init(home, options, idmap)
+    driver.reconcile()
     log.info("backend %s initialised on %s (%s)", name, home, fs_name(home))
     return driver
 

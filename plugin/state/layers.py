@@ -140,19 +140,26 @@ class LayerStore:
         return True
 
     def reconcile(self) -> list[str]:
-        """Delete staging and trash leftovers and half-applied layers; return what went."""
+        """Delete staging and trash leftovers; return what went.
+
+        Never raises: start-up must not fail over debris (what cannot be
+        deleted is logged, and ``strata fsck`` lists it)."""
         removed = []
         for parent in (self.staging_dir, self.trash_dir):
             for name in os.listdir(parent):
-                remove_tree(os.path.join(parent, name))
-                removed.append(os.path.join(parent, name))
-        for layer_id in self.ids():
-            if self.read_meta(layer_id).applying:
-                self.remove(layer_id)
-                removed.append(self.layer_dir(layer_id))
-        for path in removed:
-            log.info("reconcile: removed leftover %s", path)
+                path = os.path.join(parent, name)
+                try:
+                    remove_tree(path)
+                except OSError as e:
+                    log.error("reconcile: cannot remove leftover %s: %s", path, e)
+                    continue
+                log.info("reconcile: removed leftover %s", path)
+                removed.append(path)
         return removed
+
+    def half_applied(self) -> list[str]:
+        """Layers whose ApplyDiff never finished (a crash): the backend removes them."""
+        return [i for i in self.ids() if self.read_meta(i).applying]
 
 
 def _is_real_dir(path: str) -> bool:
