@@ -17,15 +17,21 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half."""
+def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never half.
+
+    ``durable=False`` skips the fsyncs: the rename alone is atomic against a
+    crash of the *process* (the page cache survives it), which is all that
+    state dying with the machine anyway (mounts, reference counts) needs."""
     # Unique per call: several worker threads may replace the same file at once.
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")

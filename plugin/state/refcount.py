@@ -140,4 +140,7 @@ class RefCounter:
                 return
             else:
                 self._counts.pop(layer_id, None)
-            write_atomic(self._path, msgspec.json.encode(self._counts))
+            # Counts only matter while the machine is up (a reboot drops every
+            # mount), so they are written for a plugin crash, not a power loss:
+            # no fsync on the Get/Put path.
+            write_atomic(self._path, msgspec.json.encode(self._counts), durable=False)
