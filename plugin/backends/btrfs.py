@@ -45,8 +45,7 @@ from plugin.driver.probes import fs_magic, fs_name
 from plugin.driver.registry import register, split_options
 from plugin.errors import IncompatibleFS, InvalidArgument, StrataError
 from plugin.idtools import IDMappings
-from plugin.state.files import fsync_dir
-from plugin.state.layers import LayerMeta, remove_tree
+from plugin.state.layers import LayerMeta
 
 log = logging.getLogger("strata.backend.btrfs")
 
@@ -271,15 +270,7 @@ class BtrfsDriver(RefCountedStore, ProtoDriver):
     # ---- remove ------------------------------------------------------------
     def remove(self, layer_id: str) -> None:
         with self.refs.lock(layer_id):
-            final = self.store.layer_dir(layer_id)
-            doomed = os.path.join(self.store.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
-            try:
-                os.rename(final, doomed)
-            except FileNotFoundError:
-                return
-            fsync_dir(self.store.layers_dir)
-            self._destroy_layer_subvolume(doomed)
-            remove_tree(doomed)
+            self.store.remove(layer_id, before_delete=self._destroy_layer_subvolume)
         self.refs.forget(layer_id)
 
     def _destroy_layer_subvolume(self, layer_dir: str) -> None:

@@ -52,8 +52,7 @@ from plugin.errors import (
     StrataError,
 )
 from plugin.idtools import IDMappings
-from plugin.state.files import fsync_dir
-from plugin.state.layers import LayerMeta, remove_tree
+from plugin.state.layers import LayerMeta
 
 log = logging.getLogger("strata.backend.zfs")
 
@@ -246,11 +245,8 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
             if not os.path.isdir(final):
                 return
             self._unmount(layer_id)
-            doomed = os.path.join(self.store.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
-            os.rename(final, doomed)
-            fsync_dir(self.store.layers_dir)
-            self._destroy_dataset(self.dataset(layer_id))
-            remove_tree(doomed)
+            self.store.remove(layer_id,
+                              before_delete=lambda _: self._destroy_dataset(self.dataset(layer_id)))
         self.refs.forget(layer_id)
 
     def _destroy_dataset(self, name: str) -> None:

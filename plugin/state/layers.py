@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgspec
@@ -126,8 +126,13 @@ class LayerStore:
             shutil.rmtree(stage, ignore_errors=True)
             raise
 
-    def remove(self, layer_id: str) -> bool:
-        """Rename the layer out of sight, then delete it. False if it was not there."""
+    def remove(self, layer_id: str,
+               before_delete: Callable[[str], None] | None = None) -> bool:
+        """Rename the layer out of sight, then delete it. False if it was not there.
+
+        ``before_delete(doomed_dir)`` lets a backend release what a plain
+        delete cannot (a btrfs subvolume, a zfs dataset) once the layer is out
+        of sight."""
         final = self.layer_dir(layer_id)
         doomed = os.path.join(self.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
         try:
@@ -136,6 +141,8 @@ class LayerStore:
             return False
         fsync_dir(self.layers_dir)
         fault_point("remove.renamed")
+        if before_delete is not None:
+            before_delete(doomed)
         remove_tree(doomed)
         return True
 

@@ -6,6 +6,7 @@ earlier layer is byte-identical.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import loop_btrfs
 from tests.engine.harness import Plugin
-from tests.protocol.client import DockerLikeClient
+from tests.protocol.client import DockerLikeClient, PluginError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the plugin needs root (chroot, chown)")
 
@@ -48,11 +50,14 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
+BACKENDS = ["vfs", "overlay", "fuse-overlayfs", "btrfs"]
+
+
 class Rig:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, backend: str, home: Path) -> None:
         self.workdir = workdir
-        self.home = workdir / "home"
-        self.plugin = Plugin(name=f"strata-c{secrets.token_hex(3)}", backend="vfs",
+        self.home = home
+        self.plugin = Plugin(name=f"strata-c{secrets.token_hex(3)}", backend=backend,
                              state_dir=workdir / "state", log_path=workdir / "plugin.log")
         self.client: DockerLikeClient | None = None
 
@@ -78,23 +83,39 @@ class Rig:
         return sorted(os.listdir(self.home / "layers"))
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
-    workdir = Path(f"/tmp/sc-{secrets.token_hex(4)}")
-    workdir.mkdir()
-    r = Rig(workdir)
+@pytest.fixture(params=BACKENDS)
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    backend: str = request.param
+    with contextlib.ExitStack() as stack:
+        workdir = Path(f"/tmp/sc-{secrets.token_hex(4)}")
+        workdir.mkdir()
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        home = workdir / "home"
+        if backend == "btrfs":  # Home must be on btrfs: a loop file of its own
+            home = Path(stack.enter_context(loop_btrfs("1G")).new_dir()) / "home"
+        r = Rig(workdir, backend, home)
+        async for ready in _started(r):
+            yield ready
+
+
+async def _started(r: Rig) -> AsyncIterator[Rig]:
     client = await r.start()
-    await client.call("GraphDriver.Init", {"Home": str(r.home), "Opts": None,
-                                           "UIDMaps": None, "GIDMaps": None})
+    try:
+        await client.call("GraphDriver.Init", {"Home": str(r.home), "Opts": None,
+                                               "UIDMaps": None, "GIDMaps": None})
+    except PluginError as e:
+        await client.close()
+        r.plugin.close()
+        pytest.skip(f"backend {r.plugin.backend} cannot run here: {e.err}")
     await client.create("base")
     await client.apply_diff("base", "", layer_tar({"etc/motd": b"hello\n", "bin/x": b"\x7fELF"}))
     try:
         yield r
     finally:
         if r.client is not None:
+            await r.client.call("GraphDriver.Cleanup", {})
             await r.client.close()
         r.plugin.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def crash_during(r: Rig, point: str, call: str) -> None:
