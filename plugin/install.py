@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -171,10 +172,27 @@ def check(args: argparse.Namespace) -> int:
         ("device-mapper", "yes" if os.path.exists("/dev/mapper/control") else "no"),
         ("aufs", "yes" if "aufs" in kernel else "no"),
         ("dockerd", _dockerd_version()),
+        ("dockerd experimental (daemon.json)", _daemon_json_experimental()),
+        ("graphdriver plugins", ("supported by Docker 20.10-27.x with --experimental "
+                                 "(27.x: DOCKERD_DEPRECATED_GRAPHDRIVER_PLUGINS=1); "
+                                 "removed in 28")),
     ]
     for key, value in rows:
         print(f"{key:<40} {value}")
     return 0
+
+
+def _daemon_json_experimental(path: str = "/etc/docker/daemon.json") -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return f"no {path}: pass --experimental to dockerd"
+    except ValueError as e:
+        return f"{path} is not valid JSON: {e}"
+    if config.get("experimental") is True:
+        return "yes"
+    return f"no: add \"experimental\": true to {path} or pass --experimental"
 
 
 def _dockerd_version() -> str:

@@ -1,0 +1,24 @@
+"""``strata check``: the host readiness report says what the kernel really offers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_check_reports_this_hosts_kernel_features(tmp_path: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "plugin", "check", "--home", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    rows = {line[:40].strip(): line[40:].strip() for line in out.splitlines()}
+    with open("/proc/filesystems") as f:
+        kernel = f.read().split()
+    assert rows["overlay"] == ("yes" if "overlay" in kernel else "no")
+    assert rows["device-mapper"] == ("yes" if os.path.exists("/dev/mapper/control") else "no")
+    assert rows["kernel"] == os.uname().release
+    backing = [line for line in out.splitlines()
+               if line.startswith(f"backing filesystem of {tmp_path} ")]
+    assert len(backing) == 1 and backing[0].split()[-1] not in ("", str(tmp_path))
+    assert "dockerd" in rows and "graphdriver plugins" in rows
