@@ -6,7 +6,6 @@ earlier layer is byte-identical.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends import loop_btrfs
+from tests.backends import home_for
 from tests.engine.harness import Plugin
 from tests.protocol.client import DockerLikeClient, PluginError
 
@@ -50,7 +49,7 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
-BACKENDS = ["vfs", "overlay", "fuse-overlayfs", "btrfs"]
+BACKENDS = ["vfs", "overlay", "fuse-overlayfs", "btrfs", "zfs"]
 
 
 class Rig:
@@ -86,16 +85,16 @@ class Rig:
 @pytest.fixture(params=BACKENDS)
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     backend: str = request.param
-    with contextlib.ExitStack() as stack:
-        workdir = Path(f"/tmp/sc-{secrets.token_hex(4)}")
-        workdir.mkdir()
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        home = workdir / "home"
-        if backend == "btrfs":  # Home must be on btrfs: a loop file of its own
-            home = Path(stack.enter_context(loop_btrfs("1G")).new_dir()) / "home"
+    workdir = Path(f"/tmp/sc-{secrets.token_hex(4)}")
+    workdir.mkdir()
+    try:
+        # btrfs and zfs need Home on their own filesystem (tests/backends.py)
+        home = Path(home_for(request, backend, str(workdir))) / "home"
         r = Rig(workdir, backend, home)
         async for ready in _started(r):
             yield ready
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _started(r: Rig) -> AsyncIterator[Rig]:
