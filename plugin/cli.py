@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         deadline=args.deadline,
     )
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
         uvloop.install()
     except ImportError:
         pass

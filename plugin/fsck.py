@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from plugin.driver.probes import mounts_under
 from plugin.state.config import load_init
 from plugin.state.layers import LayerStore
+from plugin.state.refcount import read_counts
 
 
 @dataclass
@@ -58,12 +58,7 @@ def referenced_layers(home: str) -> set[str] | None:
 
 
 def _refcounts(home: str) -> dict[str, int]:
-    try:
-        with open(os.path.join(home, "refs.json"), encoding="utf-8") as f:
-            counts: dict[str, int] = json.load(f)
-            return counts
-    except FileNotFoundError:
-        return {}
+    return read_counts(os.path.join(home, "refs.json"))
 
 
 def examine(home: str, min_age: float) -> Findings:

@@ -262,7 +262,8 @@ class BtrfsDriver(RefCountedStore, ProtoDriver):
                 self._limit(root, size)
 
         self.refs.get(layer_id, reapply_limit)
-        return root
+        # With a size limit the first Get re-applies it: that Get stays in the pool.
+        return self.remember_get(layer_id, root, mounts=bool(size))
 
     def put(self, layer_id: str) -> None:
         self.refs.put(layer_id, lambda: None)
@@ -270,6 +271,7 @@ class BtrfsDriver(RefCountedStore, ProtoDriver):
     # ---- remove ------------------------------------------------------------
     def remove(self, layer_id: str) -> None:
         with self.refs.lock(layer_id):
+            self.forget_get(layer_id)
             self.store.remove(layer_id, before_delete=self._destroy_layer_subvolume)
         self.refs.forget(layer_id)
 

@@ -30,6 +30,10 @@ class RefCountedStore:
         self.idmap = idmap
         self.store = LayerStore(home)
         self.refs = RefCounter(os.path.join(home, "refs.json"))
+        # layer id -> (what Get returns, whether Get/Put mount and unmount it), set
+        # by a Get that succeeded, dropped by Remove: lets later Gets and Puts be
+        # counted on the event loop (see ProtoDriver.get_nowait).
+        self._get_answers: dict[str, tuple[str, bool]] = {}
         self.store.reconcile()
         stale = self.refs.reconcile(self.mounted_ids(), needs_mount=needs_mount,
                                     existing=self.store.ids())
@@ -69,6 +73,29 @@ class RefCountedStore:
 
     def exists(self, layer_id: str) -> bool:
         return self.store.exists(layer_id)
+
+    # ---- answers from memory (on the event loop) --------------------------------
+    def exists_nowait(self, layer_id: str) -> bool | None:
+        return True if self.store.known(layer_id) else None
+
+    def get_nowait(self, layer_id: str, mount_label: str) -> str | None:
+        answer = self._get_answers.get(layer_id)
+        if answer is None:
+            return None
+        path, mounts = answer
+        return path if self.refs.try_get(layer_id, activates=mounts) is not None else None
+
+    def put_nowait(self, layer_id: str) -> bool:
+        answer = self._get_answers.get(layer_id)
+        return answer is not None and self.refs.try_put(layer_id, deactivates=answer[1])
+
+    def remember_get(self, layer_id: str, path: str, mounts: bool) -> str:
+        """Record what Get of ``layer_id`` answers (call it once Get has succeeded)."""
+        self._get_answers[layer_id] = (path, mounts)
+        return path
+
+    def forget_get(self, layer_id: str) -> None:
+        self._get_answers.pop(layer_id, None)
 
     @contextmanager
     def applying(self, layer_id: str) -> Iterator[None]:

@@ -187,6 +187,7 @@ class OverlayDriver(RefCountedStore, Driver):
 
     def remove(self, layer_id: str) -> None:
         with self.refs.lock(layer_id):
+            self.forget_get(layer_id)
             layer_dir = self.store.layer_dir(layer_id)
             if not os.path.isdir(layer_dir):
                 return
@@ -207,9 +208,9 @@ class OverlayDriver(RefCountedStore, Driver):
         self._forget_cached_size(layer_id, layer_dir)
         if not self.lower_links(layer_dir):
             self.refs.get(layer_id, lambda: None)
-            return self.diff_dir(layer_dir)
+            return self.remember_get(layer_id, self.diff_dir(layer_dir), mounts=False)
         self.refs.get(layer_id, lambda: self._mount(layer_dir))
-        return self.merged_dir(layer_dir)
+        return self.remember_get(layer_id, self.merged_dir(layer_dir), mounts=True)
 
     def put(self, layer_id: str) -> None:
         layer_dir = self.store.layer_dir(layer_id)
@@ -275,6 +276,7 @@ class OverlayDriver(RefCountedStore, Driver):
             self._opaque_root(layer_dir)
         meta = self.store.read_meta(layer_id)
         extra = {**meta.extra, DIFF_SIZE_KEY: str(directory_size(self.diff_dir(layer_dir)))}
+        self.forget_get(layer_id)  # the next Get must drop this cached size again
         self.store.write_meta(layer_dir, msgspec.structs.replace(meta, extra=extra))
         return size
 

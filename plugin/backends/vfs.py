@@ -64,13 +64,14 @@ class VfsDriver(RefCountedStore, ProtoDriver):
     def get(self, layer_id: str, mount_label: str) -> str:
         root = self.layer_root(layer_id)
         self.refs.get(layer_id, lambda: None)
-        return root
+        return self.remember_get(layer_id, root, mounts=False)
 
     def put(self, layer_id: str) -> None:
         self.refs.put(layer_id, lambda: None)
 
     def remove(self, layer_id: str) -> None:
         with self.refs.lock(layer_id):
+            self.forget_get(layer_id)
             self.store.remove(layer_id)
         self.refs.forget(layer_id)
 

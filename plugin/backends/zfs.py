@@ -197,7 +197,7 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
     def get(self, layer_id: str, mount_label: str) -> str:
         root = self.layer_root(layer_id)
         self.refs.get(layer_id, lambda: self._mount(layer_id, root))
-        return root
+        return self.remember_get(layer_id, root, mounts=True)
 
     def _mount(self, layer_id: str, root: str) -> None:
         if _mounted_at(root):
@@ -241,6 +241,7 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
     # ---- remove ------------------------------------------------------------
     def remove(self, layer_id: str) -> None:
         with self.refs.lock(layer_id):
+            self.forget_get(layer_id)
             final = self.store.layer_dir(layer_id)
             if not os.path.isdir(final):
                 return

@@ -72,6 +72,15 @@ class NaiveDiffDriver(Driver):
     def exists(self, layer_id: str) -> bool:
         return self.proto.exists(layer_id)
 
+    def exists_nowait(self, layer_id: str) -> bool | None:
+        return self.proto.exists_nowait(layer_id)
+
+    def get_nowait(self, layer_id: str, mount_label: str) -> str | None:
+        return self.proto.get_nowait(layer_id, mount_label)
+
+    def put_nowait(self, layer_id: str) -> bool:
+        return self.proto.put_nowait(layer_id)
+
     def status(self) -> list[tuple[str, str]]:
         return [*self.proto.status(), ("Diff", "naive (tree walk)")]
 

@@ -89,18 +89,32 @@ async def run(request: web.Request, fn: Callable[..., Any], *args: Any,
     mount would hang the daemon.  Past the deadline the caller gets an Err;
     the worker thread cannot be cancelled and finishes (or stays stuck) on its
     own, holding the per-layer lock, so later calls on that layer time out too.
+    (A timer and a callback rather than ``wait_for(shield(...))``, which costs
+    two tasks per call: ~40 µs of a 0.3 ms round trip.)
     """
     loop = asyncio.get_running_loop()
     work = loop.run_in_executor(request.app[EXECUTOR], fn, *args)
     limit = request.app[DEADLINE]
     if not deadline or limit <= 0:
         return await work
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    timer = loop.call_later(limit, wake)
+    work.add_done_callback(wake)
     try:
-        return await asyncio.wait_for(asyncio.shield(work), limit)
-    except TimeoutError:
+        await woken
+    finally:
+        timer.cancel()
+        work.remove_done_callback(wake)
+    if not work.done():
         raise DeadlineExceeded(
             f"{op_name(request)} {request.get(LAYER_ID, '')}: the backend did not answer "
-            f"within {limit:g}s (still running; see the plugin log)") from None
+            f"within {limit:g}s (still running; see the plugin log)")
+    return work.result()
 
 
 async def decode(request: web.Request, kind: type[Req]) -> Req:
@@ -180,21 +194,32 @@ async def remove(request: web.Request) -> web.Response:
     return encode(p.ErrResponse())
 
 
+# Get, Put and Exists are answered on the event loop when the driver can do so
+# from memory (a count, a known path); otherwise in the pool.
+
 async def get(request: web.Request) -> web.Response:
     req = await decode(request, p.GetRequest)
-    path = await run(request, driver_of(request).get, req.ID, req.MountLabel)
+    driver = driver_of(request)
+    path = driver.get_nowait(req.ID, req.MountLabel)
+    if path is None:
+        path = await run(request, driver.get, req.ID, req.MountLabel)
     return encode(p.GetResponse(Dir=path))
 
 
 async def put(request: web.Request) -> web.Response:
     req = await decode(request, p.IDRequest)
-    await run(request, driver_of(request).put, req.ID)
+    driver = driver_of(request)
+    if not driver.put_nowait(req.ID):
+        await run(request, driver.put, req.ID)
     return encode(p.ErrResponse())
 
 
 async def exists(request: web.Request) -> web.Response:
     req = await decode(request, p.IDRequest)
-    found = await run(request, driver_of(request).exists, req.ID)
+    driver = driver_of(request)
+    found = driver.exists_nowait(req.ID)
+    if found is None:
+        found = await run(request, driver.exists, req.ID)
     return encode(p.ExistsResponse(Exists=found))
 
 

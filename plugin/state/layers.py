@@ -67,6 +67,10 @@ class LayerStore:
         self.trash_dir = os.path.join(home, "trash")
         for d in (home, self.layers_dir, self.staging_dir, self.trash_dir):
             os.makedirs(d, mode=0o710, exist_ok=True)
+        # The ids in layers/, kept in step at the two renames that change it: lets
+        # Exists be answered from memory.  A layer deleted by hand behind the
+        # plugin's back stays "known" until the next start.
+        self._known: set[str] = set(os.listdir(self.layers_dir))
 
     # ---- paths ---------------------------------------------------------------
     def layer_dir(self, layer_id: str) -> str:
@@ -74,6 +78,10 @@ class LayerStore:
 
     def exists(self, layer_id: str) -> bool:
         return _is_real_dir(self.layer_dir(layer_id))
+
+    def known(self, layer_id: str) -> bool:
+        """In layers/ as far as this store has seen (no filesystem access)."""
+        return layer_id in self._known
 
     def require(self, layer_id: str, what: str = "layer") -> str:
         """The layer's directory; never a symlink (one planted under Home could
@@ -120,6 +128,7 @@ class LayerStore:
                 if os.path.lexists(final):
                     raise AlreadyExists(f"layer {layer_id} already exists") from e
                 raise
+            self._known.add(layer_id)
             fsync_dir(self.layers_dir)
             fault_point("create.renamed")
         except BaseException:
@@ -138,7 +147,9 @@ class LayerStore:
         try:
             os.rename(final, doomed)
         except FileNotFoundError:
+            self._known.discard(layer_id)
             return False
+        self._known.discard(layer_id)
         fsync_dir(self.layers_dir)
         fault_point("remove.renamed")
         if before_delete is not None:

@@ -2,8 +2,13 @@
 
 dockerd never re-sends Get for a container that is running when the plugin
 restarts, yet will send its Put when the container stops: a restarted plugin
-must know the layer is mounted.  The counts are written to ``refs.json`` on
-every change, and on start-up checked against the layers and ``/proc/self/mountinfo``: a count
+must know the layer is mounted.  Every change appends one line ``<id> <count>``
+to ``refs.json.log`` (one ``write`` on an O_APPEND descriptor: a rename per
+Get cost ~0.2 ms on ext4, which flushes a file renamed over another); opening
+the counter folds that journal into the ``refs.json`` snapshot.  Lines carry
+absolute counts, so replaying a journal twice is harmless and a crash between
+writing the snapshot and emptying the journal loses nothing.  On start-up the
+counts are checked against the layers and ``/proc/self/mountinfo``: a count
 whose layer or mount is gone is dropped, and a mount with no count is
 released (strata's own references are never persisted, see below).
 
@@ -46,17 +51,70 @@ def internal_references() -> Iterator[None]:
         _INTERNAL.reset(token)
 
 
+#: The journal is folded into the snapshot once it holds this many lines.
+_COMPACT_AFTER = 4096
+
+
+def journal_path(path: str) -> str:
+    return path + ".log"
+
+
+def read_counts(path: str) -> dict[str, int]:
+    """The persisted counts: the ``path`` snapshot with its journal replayed."""
+    counts: dict[str, int] = {}
+    try:
+        with open(path, "rb") as f:
+            counts = msgspec.json.decode(f.read(), type=dict[str, int])
+    except FileNotFoundError:
+        pass
+    try:
+        with open(journal_path(path), "rb") as f:
+            journal = f.read()
+    except FileNotFoundError:
+        return counts
+    # A line cut short by a crash mid-append has no newline yet: it never happened.
+    for line in journal.split(b"\n")[:-1]:
+        layer_id, _, value = line.decode("utf-8", "replace").rpartition(" ")
+        if not layer_id or not value.isdigit():
+            log.warning("refcount: ignoring a malformed journal line %r", line[:100])
+            continue
+        if int(value) > 0:
+            counts[layer_id] = int(value)
+        else:
+            counts.pop(layer_id, None)
+    return counts
+
+
 class RefCounter:
     def __init__(self, path: str) -> None:
         self._path = path
-        self._counts: dict[str, int] = {}    # dockerd's Gets: persisted
+        self._counts: dict[str, int] = read_counts(path)  # dockerd's Gets: persisted
         self._internal: dict[str, int] = {}  # strata's own: in memory
         self._file_lock = threading.Lock()
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                self._counts = msgspec.json.decode(f.read(), type=dict[str, int])
+        self._journal_lines = 0
+        self._compact()
+
+    def _compact(self) -> None:
+        """Write the snapshot, then start an empty journal (caller holds the file lock
+        or is the constructor)."""
+        write_atomic(self._path, msgspec.json.encode(self._counts), durable=False)
+        os.close(os.open(journal_path(self._path),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+        self._journal_lines = 0
+
+    def _append(self, line: bytes) -> None:
+        """Append one line with one write(2): the only file I/O a count made on the
+        event loop does (the protocol suite's blocking-call guard allows exactly
+        this function).  Not kept open: an open file under Home would keep a
+        zfs dataset, or any Home that is a mount, busy."""
+        fd = os.open(journal_path(self._path), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        self._journal_lines += 1
 
     def lock(self, layer_id: str) -> threading.Lock:
         """The lock that serialises get/put/remove of one id."""
@@ -81,6 +139,42 @@ class RefCounter:
             else:
                 self._set(layer_id, self._counts.get(layer_id, 0) + 1)
             return self.count(layer_id)
+
+    def try_get(self, layer_id: str, activates: bool) -> int | None:
+        """Count a Get that needs no activation, without waiting for the layer's
+        lock (for the event loop); None when ``get`` must do it."""
+        lock = self.lock(layer_id)
+        if self._compaction_due() or not lock.acquire(blocking=False):
+            return None
+        try:
+            if _INTERNAL.get() or (activates and self.count(layer_id) == 0):
+                return None
+            fault_point("get")
+            self._set(layer_id, self._counts.get(layer_id, 0) + 1)
+            return self.count(layer_id)
+        finally:
+            lock.release()
+
+    def try_put(self, layer_id: str, deactivates: bool) -> bool:
+        """Count a Put that needs no deactivation, without waiting (for the event
+        loop); False when ``put`` must do it."""
+        lock = self.lock(layer_id)
+        if self._compaction_due() or not lock.acquire(blocking=False):
+            return False
+        try:
+            current = self._counts.get(layer_id, 0)
+            if _INTERNAL.get() or (deactivates and self.count(layer_id) - min(current, 1) == 0):
+                return False
+            fault_point("put")
+            if current > 0:
+                self._set(layer_id, current - 1)
+            return True
+        finally:
+            lock.release()
+
+    def _compaction_due(self) -> bool:
+        """Compaction rewrites the snapshot: the pool's work, never the loop's."""
+        return self._journal_lines >= _COMPACT_AFTER - 1
 
     def put(self, layer_id: str, deactivate: Callable[[], None]) -> int:
         """Count one Put; run ``deactivate`` (unmount) when no reference is left.
@@ -143,4 +237,6 @@ class RefCounter:
             # Counts only matter while the machine is up (a reboot drops every
             # mount), so they are written for a plugin crash, not a power loss:
             # no fsync on the Get/Put path.
-            write_atomic(self._path, msgspec.json.encode(self._counts), durable=False)
+            if self._journal_lines >= _COMPACT_AFTER:
+                self._compact()
+            self._append(f"{layer_id} {max(value, 0)}\n".encode())

@@ -6,7 +6,6 @@ reference counts stay exact and nothing leaks (fsck finds nothing)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from plugin.state.refcount import read_counts
 from tests.engine import harness
 
 CONTAINERS = 3
@@ -28,8 +28,7 @@ def big_layer(path: Path, files: int = 40, size: int = 4 << 20) -> None:
 
 
 def refcounts(home: Path) -> dict[str, int]:
-    counts: dict[str, int] = json.loads((home / "refs.json").read_text())
-    return counts
+    return read_counts(str(home / "refs.json"))
 
 
 def test_restart_while_containers_run_and_an_import_streams(

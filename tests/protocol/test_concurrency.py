@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import random
 import tarfile
@@ -14,6 +13,7 @@ import tarfile
 import pytest
 
 from plugin.driver.probes import mounts_under
+from plugin.state.refcount import read_counts
 from tests.protocol.client import DockerLikeClient
 from tests.protocol.conftest import PluginUnderTest
 from tests.protocol.test_conformance import read
@@ -109,7 +109,7 @@ async def test_mixed_calls_from_32_clients(plugin: PluginUnderTest) -> None:
         asyncio.gather(*(worker(n, plugin.socket_path, shared) for n in range(CLIENTS))),
         timeout=600)
     assert sum(counts) >= 1000
-    refs = json.loads(read(os.path.join(plugin.home, "refs.json")))
+    refs = await asyncio.to_thread(read_counts, os.path.join(plugin.home, "refs.json"))
     assert refs == {}, "every Get was matched by a Put: no count may remain"
     assert [m for m in mounts_under(plugin.home)] == []
     assert sorted(os.listdir(os.path.join(plugin.home, "layers"))) == shared

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from plugin.errors import AlreadyExists, InvalidArgument, NotFound
 from plugin.idtools import IDMap
+from plugin.state import refcount
 from plugin.state.config import InitRecord, load_init, save_init
 from plugin.state.layers import LayerMeta, LayerStore, validate_id
-from plugin.state.refcount import RefCounter, internal_references
+from plugin.state.refcount import (
+    RefCounter,
+    internal_references,
+    journal_path,
+    read_counts,
+)
 
 
 @pytest.mark.parametrize("good", ["a" * 64, "a" * 64 + "-init", "kipvlst7kjta6hpv1j1wqnvyc",
@@ -76,8 +81,52 @@ def test_refcounts_mount_once_clamp_and_persist(tmp_path: str) -> None:
     assert refs.put("a", lambda: events.append("umount")) == 0
     assert refs.put("a", lambda: events.append("umount")) == 0  # unbalanced Put: clamped
     assert events == ["mount", "umount", "umount"]
-    with open(path) as f:
-        assert json.load(f) == {}
+    assert read_counts(path) == {}
+
+
+def test_refcount_journal_replays_after_a_crash_and_ignores_a_cut_line(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    for layer in ("a", "a", "b", "c"):
+        refs.get(layer, lambda: None)
+    refs.put("c", lambda: None)
+    # The process dies here: no compaction ran, the snapshot is still empty.
+    with open(path, "rb") as f:
+        assert f.read() == b"{}"
+    with open(journal_path(path), "ab") as f:
+        f.write(b"b 7")  # an append cut short by the crash: no newline
+    assert read_counts(path) == {"a": 2, "b": 1}
+    again = RefCounter(path)  # folds the journal into the snapshot and empties it
+    assert again.active() == {"a": 2, "b": 1}
+    assert os.path.getsize(journal_path(path)) == 0
+    assert read_counts(path) == {"a": 2, "b": 1}
+
+
+def test_refcount_journal_is_compacted(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refcount, "_COMPACT_AFTER", 10)
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    for _ in range(25):
+        refs.get("a", lambda: None)
+    with open(journal_path(path), "rb") as f:
+        assert len(f.read().splitlines()) < 10
+    assert read_counts(path) == {"a": 25} == RefCounter(path).active()
+
+
+def test_refcount_counts_on_the_loop_only_without_mounting_or_waiting(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    assert refs.try_get("a", activates=True) is None  # the first Get mounts: pool work
+    refs.get("a", lambda: None)
+    assert refs.try_get("a", activates=True) == 2
+    assert refs.try_put("a", deactivates=True)  # one reference is left
+    assert not refs.try_put("a", deactivates=True)  # the last one unmounts: pool work
+    assert refs.count("a") == 1
+    assert refs.try_get("b", activates=False) == 1 and refs.try_put("b", deactivates=False)
+    with refs.lock("a"):  # a pool thread is mounting or unmounting it
+        assert refs.try_get("a", activates=True) is None
+        assert not refs.try_put("a", deactivates=False)
+    assert read_counts(path) == {"a": 1} == RefCounter(path).active()
 
 
 def test_refcount_reconcile_with_mounts(tmp_path: str) -> None:
