@@ -29,6 +29,7 @@ from urllib.parse import unquote
 
 from plugin.archive import tarheader as th
 from plugin.archive import tarread as tr
+from plugin.archive.filehelper import FileHelper, HelperFailed
 from plugin.archive.tarread import Entry, TarFormatError, TarReader
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
@@ -40,6 +41,11 @@ _DEVICE_TYPES = {tr.CHRTYPE: stat.S_IFCHR, tr.BLKTYPE: stat.S_IFBLK, tr.FIFOTYPE
 # O_EXCL|O_NOFOLLOW: a path we did not just clear is never written through.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _IGNORED_XATTR_ERRNOS = (errno.ENOTSUP, errno.EPERM)
+#: Regular files at most this large may go to the file helper (bodies cross a pipe).
+_HELPER_MAX_BODY = 65536
+#: Sync with the helper at least this often: bounds what is kept for a replay.
+_SYNC_EVERY_FILES = 4096
+_SYNC_EVERY_BYTES = 8 << 20
 
 
 class BadEntry(InvalidArgument):
@@ -79,7 +85,10 @@ def remove_all(path: str) -> None:
 class LayerExtractor:
     """One pass over one layer stream; not reusable."""
 
-    def __init__(self, root: str, idmap: IDMappings, whiteout_format: str = "aufs") -> None:
+    def __init__(self, root: str, idmap: IDMappings, whiteout_format: str = "aufs",
+                 helper_after: int = -1) -> None:
+        """``helper_after``: fork the file helper (``filehelper.py``) once this many small
+        regular files have been seen (-1: never; only in a single-threaded process)."""
         if whiteout_format not in ("aufs", "overlay"):
             raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
         self.root = os.path.abspath(root)
@@ -95,40 +104,70 @@ class LayerExtractor:
         # directory replaced by something else is looked at again.
         self._known_dirs: set[str] = {self.root}
         self._prefix = self.root.rstrip("/") + "/"
+        self._helper: FileHelper | None = None
+        self._helper_countdown = helper_after
+        self._source_fd = -1
+        # What the helper was handed since the last sync, in order: for a replay.
+        self._handed: list[tuple[Entry, str, bytes]] = []
+        self._handed_paths: set[str] = set()
+        self._handed_bytes = 0
 
     # -- driving loop ----------------------------------------------------------
 
     def run(self, source: int | IO[bytes]) -> int:
         """Extract the tar read from ``source`` (a file descriptor, ideally a pipe, or a
         binary file object); return the sum of its header sizes."""
+        if isinstance(source, int):
+            self._source_fd = source
         try:
             self._run(TarReader(source))
+        except BaseException:
+            if self._helper is not None:
+                self._helper.stop()
+            raise
         finally:
             if self._plnk:
                 shutil.rmtree(self._abs(_PLNK_STASH), ignore_errors=True)
+        if self._helper is not None:
+            self._ignored_xattrs += self._helper.ignored_xattrs
         if self._ignored_xattrs:
             log.warning("ignored %d xattrs the filesystem refused (ENOTSUP/EPERM)",
                         self._ignored_xattrs)
         return self.size
 
     def _run(self, tar: TarReader) -> None:
+        try:
+            self._entries(tar)
+            if self._helper is not None:
+                self._sync(last=True)
+        except _Failed as failed:
+            raise failed.error from None
+        for times in self._dirs:
+            self._set_times(times.path, times.atime_ns, times.mtime_ns, missing_ok=True)
+
+    def _entries(self, tar: TarReader) -> None:
         while True:
-            info = self._next(tar)
+            try:
+                info = self._next(tar)
+            except StrataError:
+                self._settle()
+                raise
             if info is None:
-                break
+                return
             self.size += info.size
             try:
                 self._entry(tar, info)
-            except StrataError as exc:
-                raise type(exc)(f"layer tar entry {info.name!r}: {exc}") from None
-            except OSError as exc:
-                raise _os_error(info.name, exc) from None
-            except TarFormatError as exc:
-                raise InvalidArgument(f"layer tar entry {info.name!r}: {exc}") from None
-            except (ValueError, OverflowError) as exc:  # an owner or time out of range
-                raise InvalidArgument(f"layer tar entry {info.name!r}: {exc}") from None
-        for times in self._dirs:
-            self._set_times(times.path, times.atime_ns, times.mtime_ns, missing_ok=True)
+            except _Failed:
+                raise
+            except (StrataError, OSError, TarFormatError, ValueError, OverflowError) as exc:
+                self._settle()
+                raise _entry_error(info.name, exc) from None
+
+    def _settle(self) -> None:
+        """Before reporting a failure: a file handed to the helper comes earlier in the
+        tar, so its error, if any, is the one a sequential extraction would report."""
+        if self._handed:
+            self._sync()
 
     def _next(self, tar: TarReader) -> Entry | None:
         try:
@@ -176,17 +215,29 @@ class LayerExtractor:
             self._confine(parent)
         if parent in self._known_dirs:
             return parent
+        if self._handed_paths and self._handed_above(parent):
+            self._sync()  # a file handed over may be in the way of this directory
         try:
             if stat.S_ISDIR(os.lstat(parent).st_mode):
-                self._known_dirs.add(parent)
+                self._know_dir(parent)
         except FileNotFoundError:
             # Docker uses 0600 here; 0755 keeps the directory usable when the tar
             # never names it (a later header for it still sets its real mode).
             os.makedirs(parent, 0o755, exist_ok=True)
-            self._known_dirs.add(parent)
+            self._know_dir(parent)
         return parent
 
+    def _know_dir(self, path: str) -> None:
+        """Record ``path`` and its parents as directories.  The parents matter to the
+        file helper: a file is never handed over where a known directory is."""
+        known = self._known_dirs
+        while path not in known:
+            known.add(path)
+            path = path[:path.rfind("/")] or "/"
+
     def _remove(self, path: str) -> None:
+        if self._handed_paths:
+            self._sync()  # nothing is removed while the helper may write below it
         self._known_dirs.clear()
         self._known_dirs.add(self.root)
         remove_all(path)
@@ -227,6 +278,8 @@ class LayerExtractor:
 
     def _drop_lower(self, directory: str) -> None:
         """Remove every path under ``directory`` this tar did not unpack."""
+        if self._handed_paths:
+            self._sync()
         try:
             if not stat.S_ISDIR(os.lstat(directory).st_mode):
                 return
@@ -253,6 +306,11 @@ class LayerExtractor:
 
     def _create(self, tar: TarReader, info: Entry, rel: str) -> None:
         path = self._abs(rel)
+        if info.type in tr.REGULAR_TYPES and self._hand_over(tar, info, path):
+            self._unpacked.add(path)
+            return
+        if path in self._handed_paths:
+            self._sync()  # the helper may still be writing what this entry replaces
         if info.type in tr.REGULAR_TYPES:
             self._regular(tar, info, path)
         elif info.isdir():
@@ -293,18 +351,24 @@ class LayerExtractor:
         self._apply_metadata(info, path)
         self._defer_dir_times(info, path)
 
-    def _regular(self, tar: TarReader, info: Entry, path: str) -> None:
+    def _regular(self, tar: TarReader | None, info: Entry, path: str, body: bytes = b"") -> None:
         """Create, fill and finish a file through one descriptor: fchown, xattrs, fchmod
         and futimens on the fd spare a path lookup each (docker's order: chown clears
-        set-id bits, so chmod comes after it)."""
+        set-id bits, so chmod comes after it).  The body comes from ``tar``, or from
+        ``body`` when a file the helper did not create is replayed."""
         try:
             fd = os.open(path, _CREATE_FLAGS, 0o600)
         except FileExistsError:
             self._clear(path)
             fd = os.open(path, _CREATE_FLAGS, 0o600)
         try:
-            if info.data_size:
-                tar.copy_body(fd, info)
+            if tar is not None:
+                if info.data_size:
+                    tar.copy_body(fd, info)
+            else:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
             uid, gid = self._host_ids(info)
             os.fchown(fd, uid, gid)
             if info.pax_headers:
@@ -315,6 +379,70 @@ class LayerExtractor:
         finally:
             os.close(fd)
 
+    # -- the file helper -----------------------------------------------------------
+
+    def _hand_over(self, tar: TarReader, info: Entry, path: str) -> bool:
+        """Give a small regular file to the helper process; False: create it here."""
+        if info.sparse is not None or info.data_size > _HELPER_MAX_BODY:
+            return False
+        helper = self._helper
+        if helper is None:
+            if self._helper_countdown < 0:
+                return False
+            if self._helper_countdown > 0:
+                self._helper_countdown -= 1
+                return False
+            self._helper_countdown = -1
+            helper = self._helper = FileHelper(close_in_child=(
+                (self._source_fd,) if self._source_fd >= 0 else ()))
+        cut = path.rfind("/")
+        if (path in self._known_dirs or (path[:cut] or "/") not in self._known_dirs
+                or not helper.has_room()):
+            # A directory to clear first, a parent that is not a directory (the error
+            # is raised here, in order), or the helper is behind.
+            return False
+        if path in self._handed_paths:
+            self._sync()  # the same name again: the later entry wins, in order
+        body = tar.read_body(info) if info.data_size else b""
+        uid, gid = self._host_ids(info)
+        mtime = th.entry_mtime_ns(info)
+        xattrs = [(n, v) for n, v in _entry_xattrs(info)
+                  if not (self.overlay and n.startswith(th.OVERLAY_XATTR_PREFIX))
+                  ] if info.pax_headers else []
+        helper.add(os.fsencode(path), uid, gid, info.mode & 0o7777,
+                   th.entry_atime_ns(info, mtime), mtime, xattrs, body)
+        self._handed.append((info, path, body))
+        self._handed_paths.add(path)
+        self._handed_bytes += len(body)
+        if len(self._handed) >= _SYNC_EVERY_FILES or self._handed_bytes >= _SYNC_EVERY_BYTES:
+            self._sync()
+        return True
+
+    def _handed_above(self, directory: str) -> bool:
+        """Was ``directory`` or one of its parents handed over as a file?"""
+        while len(directory) > len(self.root):
+            if directory in self._handed_paths:
+                return True
+            directory = directory[:directory.rfind("/")] or "/"
+        return False
+
+    def _sync(self, last: bool = False) -> None:
+        """Wait for the helper; replay here what it did not create."""
+        assert self._helper is not None
+        handed = self._handed
+        self._handed, self._handed_paths, self._handed_bytes = [], set(), 0
+        try:
+            self._helper.sync(last)
+        except HelperFailed as failed:
+            info, path, body = handed[failed.index]
+            if failed.error is not None:
+                raise _Failed(_os_error(info.name, failed.error)) from None
+            for info, path, body in handed[failed.index:]:
+                try:
+                    self._regular(None, info, path, body)
+                except (StrataError, OSError) as exc:
+                    raise _Failed(_entry_error(info.name, exc)) from None
+
     def _hardlink(self, info: Entry, path: str) -> Entry:
         target_rel = clean_name(info.linkname)
         if target_rel.startswith(th.WHITEOUT_LINK_DIR + "/"):
@@ -323,6 +451,8 @@ class LayerExtractor:
             raise BadEntry(f"invalid hardlink target {info.linkname!r}")
         target = self._abs(target_rel)
         self._confine(os.path.dirname(target))
+        if self._handed_paths and self._handed_above(target):
+            self._sync()  # the link needs the file (or the error its parent causes)
         try:
             os.link(target, path, follow_symlinks=False)
         except FileNotFoundError:
@@ -392,9 +522,27 @@ class LayerExtractor:
     def _set_times(path: str, atime_ns: int, mtime_ns: int, missing_ok: bool = False) -> None:
         try:
             os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # A later entry of the tar replaced a directory (or a parent of it).
             if not missing_ok:
                 raise
+
+
+class _Failed(Exception):
+    """Carries an error already attributed to its tar entry (by a sync with the helper)
+    past the handler that would attribute it to the current entry."""
+
+    def __init__(self, error: StrataError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _entry_error(name: str, exc: BaseException) -> StrataError:
+    if isinstance(exc, StrataError):
+        return type(exc)(f"layer tar entry {name!r}: {exc}")
+    if isinstance(exc, OSError):
+        return _os_error(name, exc)
+    return InvalidArgument(f"layer tar entry {name!r}: {exc}")  # format, owner or time
 
 
 def _is_aufs_metadata(name: str) -> bool:

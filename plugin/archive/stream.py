@@ -29,6 +29,9 @@ from plugin.idtools import IDMappings
 log = logging.getLogger("strata.archive")
 
 _CHUNK = 1 << 20
+#: Small files an apply worker extracts alone before it forks its file helper: a
+#: small layer is not worth a fork (~1 ms).
+HELPER_AFTER = 64
 #: How an export worker marks the message of a fatal error on stderr.
 FATAL_PREFIX = "FATAL "
 _WHITEOUT_FORMATS = ("aufs", "overlay")
@@ -194,9 +197,22 @@ def apply_layer(root: str, stream: BinaryIO, options: ApplyOptions = ApplyOption
     return size
 
 
+def _helper_after() -> int:
+    """When the apply worker brings in its file helper (``filehelper.py``): after this
+    many small files; -1 never.  ``STRATA_APPLY_HELPER_AFTER`` overrides it (the
+    test suites set 0 to run every extraction through the helper)."""
+    value = os.environ.get("STRATA_APPLY_HELPER_AFTER", "")
+    try:
+        return int(value) if value else HELPER_AFTER
+    except ValueError:
+        log.warning("ignoring STRATA_APPLY_HELPER_AFTER=%r: not a number", value)
+        return HELPER_AFTER
+
+
 def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
     args = json.dumps({"root": root, "idmap": options.idmap.to_json(),
-                       "whiteout_format": options.whiteout_format})
+                       "whiteout_format": options.whiteout_format,
+                       "helper_after": _helper_after()})
     with tempfile.TemporaryFile() as stderr:
         proc = _spawn(["apply", args], stderr)
         _widen_pipe(proc.stdin)

@@ -38,7 +38,7 @@ def _apply(args: dict[str, Any], stdin: int) -> dict[str, Any]:
     idmap = IDMappings.from_json(args["idmap"])
     fmt = args["whiteout_format"]
     try:
-        extractor = LayerExtractor("/", idmap, fmt)
+        extractor = LayerExtractor("/", idmap, fmt, helper_after=int(args["helper_after"]))
         os.chroot(root)
         os.chdir("/")
         return {"size": extractor.run(stdin)}

@@ -38,6 +38,15 @@ REQUEST_ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def extract_with_file_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hostile layer goes through the extractor's file helper from its first file
+    (production forks it after 64 small files: a hostile tar can start with 64 benign
+    ones).  The extractor alone is covered by tests/unit/test_archive_hostile.py, and
+    tests/unit/test_archive_filehelper.py checks that both extract alike."""
+    monkeypatch.setenv("STRATA_APPLY_HELPER_AFTER", "0")
+
+
 @pytest.fixture(scope="session")
 def tally(pytestconfig: pytest.Config) -> Counter[str]:
     return pytestconfig.stash.setdefault(TALLY_KEY, Counter())
