@@ -41,9 +41,9 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _IGNORED_XATTR_ERRNOS = (errno.ENOTSUP, errno.EPERM)
 _READ_SIZE = 1 << 16
 #: A keeps at most this much unsent; beyond it A creates files itself (B is behind).
-_PENDING_LIMIT = 48 << 10
+_PENDING_LIMIT = 16 << 10
 #: ... and sends once this much is queued (one write per batch, not per file).
-_SEND_AT = 12 << 10
+_SEND_AT = 4 << 10
 
 
 class HelperFailed(Exception):

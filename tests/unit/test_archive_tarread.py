@@ -10,9 +10,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_archive_util import Entry, make_tar, read_all
 
-from plugin.archive import ApplyOptions, apply_layer, export_tree
+from plugin.archive import ApplyOptions, apply_layer, export_tree, tarread
 from plugin.archive import stream as archive_stream
 from plugin.archive.tarread import TarFormatError, TarReader
 from plugin.idtools import IDMappings
@@ -140,3 +142,21 @@ def test_zygote_replaced_after_it_dies(tmp_path: Path) -> None:
     zygote.wait()
     assert b"data" in read_all(export_tree(str(root), IDMappings()))
     assert archive_stream._ZYGOTE._proc is not zygote
+
+
+@settings(max_examples=500, deadline=None)
+@given(nonzero=st.integers(0, 512), seed=st.binary(min_size=512, max_size=512))
+def test_header_byte_sum_is_exact(nonzero: int, seed: bytes) -> None:
+    """The Adler-32 shortcut equals sum() on headers with few and many non-zero bytes."""
+    block = bytes(b or 255 for b in seed[:nonzero]) + bytes(512 - nonzero)
+    assert tarread._byte_sum(block) == sum(block)
+    assert tarread._byte_sum(b"\xff" * 512) == 512 * 255
+
+
+def test_checksum_off_by_the_adler_modulus_is_refused() -> None:
+    block = bytearray(tarfile.TarInfo("x" * 99).tobuf(tarfile.USTAR_FORMAT)[:512])
+    good = int(block[148:154], 8)
+    block[148:156] = b"%06o\0 " % (good + 65521)
+    assert not tarread._checksum_ok(bytes(block))
+    block[148:156] = b"%06o\0 " % good
+    assert tarread._checksum_ok(bytes(block))
