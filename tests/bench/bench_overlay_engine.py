@@ -11,6 +11,9 @@ and times what users feel:
 * ``docker commit`` of a container with 100 small files and 8 MiB written
 * ``docker diff`` of a container over 12,000 image files with 50 changes
 * ``docker load`` of a ~200 MB image
+* a 20-step legacy build (``DOCKER_BUILDKIT=0 docker build --no-cache``): 18
+  RUN steps writing a few files and 2 COPY steps, each a layer, FROM the
+  imported base image (no registry)
 
 Each row prints the median seconds on both and the ratio strata/overlay2
 (< 1 means strata is faster).  Timings on a shared VM are noisy; nothing is
@@ -36,6 +39,8 @@ from tests.engine.rootfs import build_rootfs_tar
 Engine = harness.Stack | harness.Dockerd
 RUN = ("run", "--rm", "--network", "none")
 MANY_FILES = 12_000
+BUILD_STEPS = 20
+KEY_JSON = Path("/etc/docker/key.json")  # dockerd 20.10 creates it if missing
 
 
 def log(message: str) -> None:
@@ -103,7 +108,26 @@ FIFTY_CHANGES = (
 )
 
 
-def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[list[str]]:
+def build_context(directory: Path) -> Path:
+    """A Dockerfile FROM bench/base:1 whose ``BUILD_STEPS`` steps each make a
+    layer: RUN steps writing a few small files, and two COPY steps."""
+    directory.mkdir()
+    (directory / "one.txt").write_text("copied one\n")
+    (directory / "two").mkdir()
+    for n in range(5):
+        (directory / "two" / f"f{n}").write_text(f"copied two/{n}\n" * 20)
+    copies = ["COPY one.txt /built/one.txt\n", "COPY two /built/two/\n"]
+    steps = [f"RUN mkdir -p /built/s{n} && for i in 1 2 3; do echo step {n} file $i"
+             f" > /built/s{n}/f$i; done\n" for n in range(BUILD_STEPS - len(copies))]
+    middle = len(steps) // 2
+    steps[middle:middle] = copies[:1]
+    steps.append(copies[1])
+    (directory / "Dockerfile").write_text("FROM bench/base:1\n" + "".join(steps))
+    return directory
+
+
+def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
+               context: Path) -> list[list[str]]:
     rows = []
 
     def row(name: str, measure: Callable[[Engine, str], float]) -> None:
@@ -159,6 +183,21 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[li
 
     size_mb = load_tar.stat().st_size / 1e6
     row(f"docker load ({size_mb:.0f} MB image)", load)
+
+    def build(engine: Engine, label: str) -> float:
+        def clear() -> None:
+            engine.docker("rmi", "bench/build:1", check=False)
+
+        result = median_seconds(reps, lambda: engine.docker(
+            "build", "--no-cache", "--network", "none", "-t", "bench/build:1", str(context),
+            env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear)
+        layers = engine.docker("image", "inspect", "-f", "{{len .RootFS.Layers}}",
+                               "bench/build:1").stdout
+        assert int(layers) == BUILD_STEPS + 1, layers
+        clear()
+        return result
+
+    row(f"legacy build ({BUILD_STEPS} steps)", build)
     return rows
 
 
@@ -173,6 +212,7 @@ def main() -> int:
         return 0
     workdir = harness.new_workdir("sb")
     engines: dict[str, Engine] = {}
+    key_json_existed = KEY_JSON.exists()
     try:
         rootfs = build_rootfs_tar(workdir)
         many = extended_rootfs(rootfs.tar, workdir / "many.tar", add_many_files)
@@ -188,12 +228,15 @@ def main() -> int:
         overlay2.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
         big.unlink()
         status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
-        rows = bench_pair(engines, args.reps, load_tar)
+        rows = bench_pair(engines, args.reps, load_tar,
+                          build_context(workdir / "build-context"))
     finally:
         for engine in engines.values():
             engine.close()
         if workdir.exists():
             harness.remove_workdir(workdir)
+        if not key_json_existed:
+            KEY_JSON.unlink(missing_ok=True)
     print(f"strata overlay status: {status.strip()}")
     print(f"median of {args.reps} runs (load: {max(2, args.reps // 2)}); "
           "ratio = strata / overlay2, < 1 means strata is faster")
