@@ -16,18 +16,23 @@ and times what users feel:
   imported base image (no registry)
 
 Each row prints the median seconds on both and the ratio strata/overlay2
-(< 1 means strata is faster).  Timings on a shared VM are noisy; nothing is
-asserted and the exit status is 0.
+(< 1 means strata is faster).  Below the table, each row's plugin calls on
+strata (the plugin logs one line per call with its duration) are summed per
+operation, per timed command, beside that command's wall clock: what part of
+it strata itself spends, and in which calls.  Timings on a shared VM are
+noisy; nothing is asserted and the exit status is 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tarfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,15 +52,56 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+class CallTally:
+    """The plugin calls made during timed commands, summed per operation, from the
+    plugin log's one line per call (``strata.server: GraphDriver.Create <id> 3.5ms ok``)."""
+
+    LINE = re.compile(r" strata\.server: GraphDriver\.(\w+) \S+ ([\d.]+)ms ok$")
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.ms: defaultdict[str, float] = defaultdict(float)
+        self.count: defaultdict[str, int] = defaultdict(int)
+        self.commands = 0
+        self.wall_ms = 0.0
+
+    def offset(self) -> int:
+        return self.log_path.stat().st_size
+
+    def add(self, since: int, wall_seconds: float) -> None:
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+        for line in text.splitlines():
+            found = self.LINE.search(line)
+            if found:
+                self.ms[found[1]] += float(found[2])
+                self.count[found[1]] += 1
+        self.commands += 1
+        self.wall_ms += wall_seconds * 1000
+
+    def summary(self) -> str:
+        """Per command: wall clock, time inside plugin calls, and the calls by op."""
+        n = max(self.commands, 1)
+        ops = sorted(self.ms, key=lambda op: -self.ms[op])
+        by_op = ", ".join(f"{op} {self.count[op] / n:g}x {self.ms[op] / n:.1f}" for op in ops)
+        return (f"wall {self.wall_ms / n:.0f} ms, in plugin calls {sum(self.ms.values()) / n:.0f}"
+                f" ms: {by_op or 'no calls'}")
+
+
 def median_seconds(reps: int, action: Callable[[], object],
-                   before: Callable[[], object] | None = None) -> float:
+                   before: Callable[[], object] | None = None,
+                   tally: CallTally | None = None) -> float:
     times = []
     for _ in range(reps):
         if before is not None:
             before()
+        since = tally.offset() if tally is not None else 0
         started = time.perf_counter()
         action()
         times.append(time.perf_counter() - started)
+        if tally is not None:
+            tally.add(since, times[-1])
     return statistics.median(times)
 
 
@@ -126,23 +172,31 @@ def build_context(directory: Path) -> Path:
     return directory
 
 
-def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
-               context: Path) -> list[list[str]]:
-    rows = []
+Measure = Callable[[Engine, CallTally | None], float]
 
-    def row(name: str, measure: Callable[[Engine, str], float]) -> None:
+
+def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
+               context: Path) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
+    rows = []
+    tallies = []
+
+    def row(name: str, measure: Measure) -> None:
         results = {}
         for label, engine in engines.items():
             log(f"{name} on {label}")
-            results[label] = measure(engine, label)
+            plugin = engine.plugin if isinstance(engine, harness.Stack) else None
+            tally = CallTally(plugin.log_path) if plugin is not None else None
+            results[label] = measure(engine, tally)
+            if tally is not None:
+                tallies.append((name, tally))
         ratio = results["strata"] / results["overlay2"] if results["overlay2"] else float("nan")
         rows.append([name, f"{results['strata']:.3f}", f"{results['overlay2']:.3f}",
                      f"{ratio:.2f}"])
 
-    row("docker run --rm /bin/true", lambda e, _: median_seconds(
-        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true")))
+    row("docker run --rm /bin/true", lambda e, tally: median_seconds(
+        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true"), tally=tally))
 
-    def commit(engine: Engine, label: str) -> float:
+    def commit(engine: Engine, tally: CallTally | None) -> float:
         counter = iter(range(1000))
 
         def prepare() -> None:
@@ -154,7 +208,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
 
         state: dict[str, int] = {}
         result = median_seconds(reps, lambda: engine.docker(
-            "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare)
+            "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare, tally)
         for n in range(state["n"] + 1):
             engine.docker("rm", "-f", f"cm{n}", check=False)
             engine.docker("rmi", f"bench/commit:{n}", check=False)
@@ -162,7 +216,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
 
     row("docker commit (100 files + 8 MiB)", commit)
 
-    def diff(engine: Engine, label: str) -> float:
+    def diff(engine: Engine, tally: CallTally | None) -> float:
         engine.docker("run", "-d", "--network", "none", "--name", "difftarget",
                       "bench/many:1", "/bin/sleep", "600")
         try:
@@ -170,27 +224,28 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
             lines = engine.docker("diff", "difftarget").stdout.splitlines()
             assert len([ln for ln in lines if not ln.endswith("/data")
                         and ln.count("/") == 3]) == 50, lines
-            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"))
+            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"),
+                                  tally=tally)
         finally:
             engine.docker("rm", "-f", "difftarget", check=False)
 
     row(f"docker diff ({MANY_FILES} files, 50 changes)", diff)
 
-    def load(engine: Engine, label: str) -> float:
+    def load(engine: Engine, tally: CallTally | None) -> float:
         return median_seconds(
             max(2, reps // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
-            lambda: engine.docker("rmi", "bench/big:1", check=False))
+            lambda: engine.docker("rmi", "bench/big:1", check=False), tally)
 
     size_mb = load_tar.stat().st_size / 1e6
     row(f"docker load ({size_mb:.0f} MB image)", load)
 
-    def build(engine: Engine, label: str) -> float:
+    def build(engine: Engine, tally: CallTally | None) -> float:
         def clear() -> None:
             engine.docker("rmi", "bench/build:1", check=False)
 
         result = median_seconds(reps, lambda: engine.docker(
             "build", "--no-cache", "--network", "none", "-t", "bench/build:1", str(context),
-            env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear)
+            env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear, tally)
         layers = engine.docker("image", "inspect", "-f", "{{len .RootFS.Layers}}",
                                "bench/build:1").stdout
         assert int(layers) == BUILD_STEPS + 1, layers
@@ -198,7 +253,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
         return result
 
     row(f"legacy build ({BUILD_STEPS} steps)", build)
-    return rows
+    return rows, tallies
 
 
 def main() -> int:
@@ -228,8 +283,8 @@ def main() -> int:
         overlay2.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
         big.unlink()
         status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
-        rows = bench_pair(engines, args.reps, load_tar,
-                          build_context(workdir / "build-context"))
+        rows, tallies = bench_pair(engines, args.reps, load_tar,
+                                   build_context(workdir / "build-context"))
     finally:
         for engine in engines.values():
             engine.close()
@@ -244,6 +299,9 @@ def main() -> int:
               for i in range(4)]
     for r in [["", "strata s", "overlay2 s", "ratio"], *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    print("strata plugin calls per timed command (mean; op count x total ms):")
+    for name, tally in tallies:
+        print(f"  {name}: {tally.summary()}")
     return 0
 
 
