@@ -4,6 +4,13 @@ ApplyDiff's tar is read by a worker thread (the archive layer is synchronous)
 while the event loop keeps receiving it: each ``read`` asks the loop for the
 next chunk and waits.  Nothing is buffered beyond one chunk, so a 1 GiB layer
 never sits in memory.
+
+A ``read`` returns the size asked for (short only at the end of the body): the
+body arrives in dockerd's 32 KiB HTTP chunks, and handing each one over as it
+comes meant a thread wake-up, a pipe write and an archive-worker wake-up per
+few chunks.  Gathering on the loop up to the reader's 1 MiB cut the plugin's
+CPU time for a 200 MiB ``docker load`` layer fed at dockerd's ~200 MB/s by
+~20% (the CPU that dockerd, on the same two cores, is short of).
 """
 
 from __future__ import annotations
@@ -30,12 +37,26 @@ class BodyReader(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         want = size if size and size > 0 else 1 << 20
-        future = asyncio.run_coroutine_threadsafe(self._content.read(want), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._gather(want), self._loop)
         data = future.result()
         before, self._seen = self._seen, self._seen + len(data)
         if before < _MIDSTREAM <= self._seen:
             fault_point("apply.midstream")
         return data
+
+    async def _gather(self, want: int) -> bytes:
+        """Up to ``want`` bytes of the body; fewer only at its end."""
+        data = await self._content.read(want)
+        if not data or len(data) >= want:
+            return data
+        parts, got = [data], len(data)
+        while got < want:
+            more = await self._content.read(want - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         data = self.read(len(buffer))
