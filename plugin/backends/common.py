@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import msgspec
@@ -98,10 +98,16 @@ class RefCountedStore:
         self._get_answers.pop(layer_id, None)
 
     @contextmanager
-    def applying(self, layer_id: str) -> Iterator[None]:
+    def applying(self, layer_id: str, *,
+                 finish: Callable[[], Mapping[str, str]] | None = None) -> Iterator[None]:
+        """``finish``, run once the block has succeeded, returns entries for the
+        layer's ``LayerMeta.extra``: they go out in the same durable write that
+        clears the mark, not in one more (two fsyncs and a rename)."""
         layer_dir = self.store.require(layer_id)
         meta = self.store.read_meta(layer_id)
         self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=True))
         yield
+        extra = meta.extra if finish is None else {**meta.extra, **finish()}
         fault_point("apply.done")
-        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=False))
+        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, applying=False,
+                                                                 extra=extra))

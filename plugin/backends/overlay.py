@@ -37,6 +37,7 @@ used instead; Status says which.  Model: moby ``overlay2/overlay.go``.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import secrets
@@ -61,7 +62,7 @@ from plugin.driver.probes import (
 from plugin.driver.registry import register, split_options
 from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported, Prerequisites
 from plugin.idtools import IDMappings
-from plugin.state.files import write_atomic
+from plugin.state.files import write_staged
 from plugin.state.layers import MAX_ID_LEN, LayerMeta
 
 #: What the kernel (and strata's archive) mark an opaque upper dir with.
@@ -71,7 +72,6 @@ log = logging.getLogger("strata.backend.overlay")
 
 LINK_DIR = "l"
 LINK_LEN = 26  # moby's idLength: 26 base32 chars = 130 random bits
-_LINK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 #: The kernel's OVL_MAX_STACK: lowers one overlay mount may stack.
 KERNEL_MAX_LOWERS = 500
 # See the module doc: the fixed part of a mount(2) option string, and one lower.
@@ -83,7 +83,8 @@ DIFF_SIZE_KEY = "diff_size"
 
 
 def new_link_id() -> str:
-    return "".join(secrets.choice(_LINK_ALPHABET) for _ in range(LINK_LEN))
+    # One getrandom(2) for the 130 bits, not one per character (26 per Create).
+    return base64.b32encode(secrets.token_bytes(17)).decode("ascii")[:LINK_LEN]
 
 
 def directory_size(root: str) -> int:
@@ -176,12 +177,12 @@ class OverlayDriver(RefCountedStore, Driver):
             # start-up removes it if the rename never happens.
             os.symlink(os.path.join("..", "layers", layer_id, "diff"),
                        os.path.join(self.link_dir, link))
-            write_atomic(os.path.join(stage, "link"), link.encode(), 0o644)
+            write_staged(os.path.join(stage, "link"), link.encode(), 0o644)
             if parent:
                 for sub in ("work", "merged"):
                     os.mkdir(os.path.join(stage, sub), 0o700)
                     os.chown(os.path.join(stage, sub), root_uid, root_gid)
-                write_atomic(os.path.join(stage, "lower"), lower.encode(), 0o644)
+                write_staged(os.path.join(stage, "lower"), lower.encode(), 0o644)
         log.debug("created %s (parent %s, depth %d)", layer_id, parent or "-",
                   lower.count(":") + 1 if lower else 0)
 
@@ -269,15 +270,15 @@ class OverlayDriver(RefCountedStore, Driver):
         layer_dir = self._native(layer_id, parent)
         if layer_dir is None:
             return self.naive.apply_diff(layer_id, parent, stream)
+        diff = self.diff_dir(layer_dir)
         # Straight into the upper dir, whiteouts in the kernel's form: no mount.
-        with self.applying(layer_id):
-            size = apply_layer(self.diff_dir(layer_dir), stream,
+        # The size DiffSize answers is stored with the end of the applying mark.
+        with self.applying(layer_id,
+                           finish=lambda: {DIFF_SIZE_KEY: str(directory_size(diff))}):
+            size = apply_layer(diff, stream,
                                ApplyOptions(idmap=self.idmap, whiteout_format="overlay"))
             self._opaque_root(layer_dir)
-        meta = self.store.read_meta(layer_id)
-        extra = {**meta.extra, DIFF_SIZE_KEY: str(directory_size(self.diff_dir(layer_dir)))}
         self.forget_get(layer_id)  # the next Get must drop this cached size again
-        self.store.write_meta(layer_dir, msgspec.structs.replace(meta, extra=extra))
         return size
 
     def _opaque_root(self, layer_dir: str) -> None:

@@ -43,6 +43,12 @@ def is_opaque(path: str) -> bool:
         return False
 
 
+def _may_be_whiteout(entry: os.DirEntry[str]) -> bool:
+    """False when the directory entry's type (d_type, no stat) rules a whiteout out."""
+    return not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
+                or entry.is_symlink())
+
+
 def _lstat(path: str) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -99,9 +105,14 @@ class LowerView:
                     if entry.name in seen:
                         continue
                     seen.add(entry.name)
-                    if not is_whiteout(entry.stat(follow_symlinks=False)):
+                    if not _may_be_whiteout(entry) or not is_whiteout(
+                            entry.stat(follow_symlinks=False)):
                         visible.add(entry.name)
         return visible
+
+    def has(self, rel: str) -> bool:
+        """Whether the lower view shows ``rel`` (its parent is a directory there)."""
+        return self.find(rel) is not None
 
 
 def overlay_changes(upper: str, lowers: list[str]) -> list[Change]:
@@ -151,7 +162,12 @@ def _walk(upper: str, rel: str, view: LowerView, *, in_lower: bool, hides_lower:
                 out.insert(start, Change("/" + child, ChangeKind.MODIFY))
     if not in_lower:
         return
-    lower_names = view.names(rel)
-    gone = lower_names - present if hides_lower else lower_names & whiteouts
+    # Only a directory hiding the lower one needs the lower listing; elsewhere
+    # just the whiteouts are looked up (a changed file in a directory of 10k
+    # lower entries must not cost 10k stats).
+    if hides_lower:
+        gone = view.names(rel) - present
+    else:
+        gone = {name for name in whiteouts if view.has(os.path.join(rel, name))}
     for name in sorted(gone, key=os.fsencode):
         out.append(Change("/" + os.path.join(rel, name), ChangeKind.DELETE))

@@ -3,10 +3,14 @@
 ApplyDiff's tar is read by a worker thread (the archive layer is synchronous)
 while the event loop keeps receiving it: each ``read`` asks the loop for the
 next chunk and waits.  Nothing is buffered beyond one chunk, so a 1 GiB layer
-never sits in memory.  A chunk is gathered on the loop until it holds what was
-asked for (1 MiB from the archive layer): the socket delivers 64-200 KiB at a
-time, and each thread hop costs ~0.1 ms here — a 1 GiB layer in socket-sized
-hops lost a second to them.
+never sits in memory.
+
+A ``read`` returns the size asked for (short only at the end of the body): the
+body arrives in dockerd's 32 KiB HTTP chunks, and handing each one over as it
+comes meant a thread wake-up, a pipe write and an archive-worker wake-up per
+few chunks.  Gathering on the loop up to the reader's 1 MiB cut the plugin's
+CPU time for a 200 MiB ``docker load`` layer fed at dockerd's ~200 MB/s by
+~20% (the CPU that dockerd, on the same two cores, is short of).
 """
 
 from __future__ import annotations
@@ -41,17 +45,17 @@ class BodyReader(io.RawIOBase):
         return data
 
     async def _gather(self, want: int) -> bytes:
-        """Up to ``want`` bytes: less only at the end of the body."""
-        first = await self._content.read(want)
-        if len(first) >= want or not first:
-            return first
-        parts, got = [first], len(first)
+        """Up to ``want`` bytes of the body; fewer only at its end."""
+        data = await self._content.read(want)
+        if not data or len(data) >= want:
+            return data
+        parts, got = [data], len(data)
         while got < want:
-            chunk = await self._content.read(want - got)
-            if not chunk:
+            more = await self._content.read(want - got)
+            if not more:
                 break
-            parts.append(chunk)
-            got += len(chunk)
+            parts.append(more)
+            got += len(more)
         return b"".join(parts)
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]

@@ -35,3 +35,19 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True
     os.replace(tmp, path)
     if durable:
         fsync_dir(os.path.dirname(path) or ".")
+
+
+def write_staged(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, and fsync it.
+
+    For a file inside a staging directory (``LayerStore.staging``): nothing
+    sees it before the whole directory is renamed into place, so it needs no
+    temp name of its own, and the one fsync of the directory before that rename
+    makes its entry durable.  ``write_atomic`` here cost two more fsyncs and a
+    rename per file: 8 fsyncs per overlay Create, now 5."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

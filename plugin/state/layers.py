@@ -27,7 +27,7 @@ import msgspec
 
 from plugin.errors import AlreadyExists, InvalidArgument, NotFound
 from plugin.faults import fault_point
-from plugin.state.files import fsync_dir, write_atomic
+from plugin.state.files import fsync_dir, write_atomic, write_staged
 
 log = logging.getLogger("strata.state")
 
@@ -111,16 +111,19 @@ class LayerStore:
     # ---- staged create / remove ---------------------------------------------
     @contextmanager
     def staging(self, layer_id: str, meta: LayerMeta) -> Iterator[str]:
-        """Yield a fresh staging dir; on success it becomes ``layers/<id>``."""
+        """Yield a fresh staging dir; on success it becomes ``layers/<id>``.
+
+        The backend writes its files in with ``write_staged`` (fsynced, no temp
+        name): the dir is fsynced before the rename and the rename before return."""
         final = self.layer_dir(layer_id)
         if os.path.lexists(final):
             raise AlreadyExists(f"layer {layer_id} already exists")
         stage = os.path.join(self.staging_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
         os.mkdir(stage, 0o710)
         try:
-            self.write_meta(stage, meta)
+            write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
-            fsync_dir(stage)
+            fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
             fault_point("create.staged")
             try:
                 os.rename(stage, final)

@@ -11,21 +11,30 @@ and times what users feel:
 * ``docker commit`` of a container with 100 small files and 8 MiB written
 * ``docker diff`` of a container over 12,000 image files with 50 changes
 * ``docker load`` of a ~200 MB image
+* a 20-step legacy build (``DOCKER_BUILDKIT=0 docker build --no-cache``): 18
+  RUN steps writing a few files and 2 COPY steps, each a layer, FROM the
+  imported base image (no registry)
 
 Each row prints the median seconds on both and the ratio strata/overlay2
-(< 1 means strata is faster).  Timings on a shared VM are noisy; nothing is
-asserted and the exit status is 0.
+(< 1 means strata is faster).  Below the table, the driver calls of the median
+timed command are summed per operation beside its wall clock: on strata every call
+(the plugin logs one line per call with its duration), on overlay2 the
+ApplyDiffs (dockerd's debug log brackets them).  Timings on a shared VM are
+noisy; nothing is asserted and the exit status is 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tarfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -36,21 +45,85 @@ from tests.engine.rootfs import build_rootfs_tar
 Engine = harness.Stack | harness.Dockerd
 RUN = ("run", "--rm", "--network", "none")
 MANY_FILES = 12_000
+BUILD_STEPS = 20
+KEY_JSON = Path("/etc/docker/key.json")  # dockerd 20.10 creates it if missing
 
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+class CallTally:
+    """The driver calls made during timed commands, summed per operation.
+
+    On strata, from the plugin log's one line per call
+    (``strata.server: GraphDriver.Create <id> 3.5ms ok``).  overlay2 runs inside
+    dockerd and logs no call times; its ApplyDiff is the span from the driver's
+    ``Applying tar in <dir>`` debug line to the layer store's ``Applied tar``."""
+
+    PLUGIN_LINE = re.compile(r" strata\.server: GraphDriver\.(\w+) \S+ ([\d.]+)ms ok$")
+    DOCKERD_LINE = re.compile(r'^time="([^"]+)" level=debug msg="(Applying|Applied) tar ')
+
+    def __init__(self, log_path: Path, in_plugin: bool) -> None:
+        self.log_path = log_path
+        self.in_plugin = in_plugin
+        #: per timed command: its wall clock (ms) and its calls' durations by op
+        self.commands: list[tuple[float, defaultdict[str, list[float]]]] = []
+
+    def offset(self) -> int:
+        return self.log_path.stat().st_size
+
+    def add(self, since: int, wall_seconds: float) -> None:
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+        calls = self._plugin_calls(text) if self.in_plugin else self._overlay2_applies(text)
+        by_op: defaultdict[str, list[float]] = defaultdict(list)
+        for op, ms in calls:
+            by_op[op].append(ms)
+        self.commands.append((wall_seconds * 1000, by_op))
+
+    def _plugin_calls(self, text: str) -> list[tuple[str, float]]:
+        found = (self.PLUGIN_LINE.search(line) for line in text.splitlines())
+        return [(m[1], float(m[2])) for m in found if m]
+
+    def _overlay2_applies(self, text: str) -> list[tuple[str, float]]:
+        calls, started = [], None
+        for m in filter(None, (self.DOCKERD_LINE.match(line) for line in text.splitlines())):
+            at = datetime.fromisoformat(m[1])
+            if m[2] == "Applying":
+                started = at
+            elif started is not None:
+                calls.append(("ApplyDiff", (at - started).total_seconds() * 1000))
+                started = None
+        return calls
+
+    def summary(self) -> str:
+        """The median command (by wall clock): its wall clock, the time in driver
+        calls, and the calls by op.  (A mean would be one outlier's: the first
+        unmount after a big write syncs the whole backing filesystem.)"""
+        if not self.commands:
+            return "not measured"
+        wall, by_op = sorted(self.commands, key=lambda c: c[0])[(len(self.commands) - 1) // 2]
+        ops = sorted(by_op, key=lambda op: -sum(by_op[op]))
+        listed = ", ".join(f"{op} {len(by_op[op])}x {sum(by_op[op]):.1f}" for op in ops)
+        in_calls = sum(sum(times) for times in by_op.values())
+        return f"wall {wall:.0f} ms, in driver calls {in_calls:.0f} ms: {listed or 'none logged'}"
+
+
 def median_seconds(reps: int, action: Callable[[], object],
-                   before: Callable[[], object] | None = None) -> float:
+                   before: Callable[[], object] | None = None,
+                   tally: CallTally | None = None) -> float:
     times = []
     for _ in range(reps):
         if before is not None:
             before()
+        since = tally.offset() if tally is not None else 0
         started = time.perf_counter()
         action()
         times.append(time.perf_counter() - started)
+        if tally is not None:
+            tally.add(since, times[-1])
     return statistics.median(times)
 
 
@@ -103,22 +176,54 @@ FIFTY_CHANGES = (
 )
 
 
-def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[list[str]]:
-    rows = []
+def build_context(directory: Path) -> Path:
+    """A Dockerfile FROM bench/base:1 whose ``BUILD_STEPS`` steps each make a
+    layer: RUN steps writing a few small files, and two COPY steps."""
+    directory.mkdir()
+    (directory / "one.txt").write_text("copied one\n")
+    (directory / "two").mkdir()
+    for n in range(5):
+        (directory / "two" / f"f{n}").write_text(f"copied two/{n}\n" * 20)
+    copies = ["COPY one.txt /built/one.txt\n", "COPY two /built/two/\n"]
+    steps = [f"RUN mkdir -p /built/s{n} && for i in 1 2 3; do echo step {n} file $i"
+             f" > /built/s{n}/f$i; done\n" for n in range(BUILD_STEPS - len(copies))]
+    middle = len(steps) // 2
+    steps[middle:middle] = copies[:1]
+    steps.append(copies[1])
+    (directory / "Dockerfile").write_text("FROM bench/base:1\n" + "".join(steps))
+    return directory
 
-    def row(name: str, measure: Callable[[Engine, str], float]) -> None:
+
+Measure = Callable[[Engine, CallTally | None], float]
+
+
+def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
+               context: Path) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
+    rows = []
+    tallies: list[tuple[str, CallTally]] = []
+
+    def row(name: str, measure: Measure) -> None:
         results = {}
         for label, engine in engines.items():
             log(f"{name} on {label}")
-            results[label] = measure(engine, label)
+            if isinstance(engine, harness.Stack) and engine.plugin is not None:
+                tally = CallTally(engine.plugin.log_path, in_plugin=True)
+            else:
+                tally = CallTally(engine.dockerd.log_path if isinstance(engine, harness.Stack)
+                                  else engine.log_path, in_plugin=False)
+            # Neither engine pays for the other's (or the set-up's) dirty pages: an
+            # overlay unmount syncs the backing filesystem, a Put can take 0.5 s.
+            os.sync()
+            results[label] = measure(engine, tally)
+            tallies.append((f"{name} on {label}", tally))
         ratio = results["strata"] / results["overlay2"] if results["overlay2"] else float("nan")
         rows.append([name, f"{results['strata']:.3f}", f"{results['overlay2']:.3f}",
                      f"{ratio:.2f}"])
 
-    row("docker run --rm /bin/true", lambda e, _: median_seconds(
-        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true")))
+    row("docker run --rm /bin/true", lambda e, tally: median_seconds(
+        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true"), tally=tally))
 
-    def commit(engine: Engine, label: str) -> float:
+    def commit(engine: Engine, tally: CallTally | None) -> float:
         counter = iter(range(1000))
 
         def prepare() -> None:
@@ -130,7 +235,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[li
 
         state: dict[str, int] = {}
         result = median_seconds(reps, lambda: engine.docker(
-            "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare)
+            "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare, tally)
         for n in range(state["n"] + 1):
             engine.docker("rm", "-f", f"cm{n}", check=False)
             engine.docker("rmi", f"bench/commit:{n}", check=False)
@@ -138,7 +243,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[li
 
     row("docker commit (100 files + 8 MiB)", commit)
 
-    def diff(engine: Engine, label: str) -> float:
+    def diff(engine: Engine, tally: CallTally | None) -> float:
         engine.docker("run", "-d", "--network", "none", "--name", "difftarget",
                       "bench/many:1", "/bin/sleep", "600")
         try:
@@ -146,20 +251,36 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path) -> list[li
             lines = engine.docker("diff", "difftarget").stdout.splitlines()
             assert len([ln for ln in lines if not ln.endswith("/data")
                         and ln.count("/") == 3]) == 50, lines
-            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"))
+            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"),
+                                  tally=tally)
         finally:
             engine.docker("rm", "-f", "difftarget", check=False)
 
     row(f"docker diff ({MANY_FILES} files, 50 changes)", diff)
 
-    def load(engine: Engine, label: str) -> float:
+    def load(engine: Engine, tally: CallTally | None) -> float:
         return median_seconds(
             max(2, reps // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
-            lambda: engine.docker("rmi", "bench/big:1", check=False))
+            lambda: engine.docker("rmi", "bench/big:1", check=False), tally)
 
     size_mb = load_tar.stat().st_size / 1e6
     row(f"docker load ({size_mb:.0f} MB image)", load)
-    return rows
+
+    def build(engine: Engine, tally: CallTally | None) -> float:
+        def clear() -> None:
+            engine.docker("rmi", "bench/build:1", check=False)
+
+        result = median_seconds(reps, lambda: engine.docker(
+            "build", "--no-cache", "--network", "none", "-t", "bench/build:1", str(context),
+            env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear, tally)
+        layers = engine.docker("image", "inspect", "-f", "{{len .RootFS.Layers}}",
+                               "bench/build:1").stdout
+        assert int(layers) == BUILD_STEPS + 1, layers
+        clear()
+        return result
+
+    row(f"legacy build ({BUILD_STEPS} steps)", build)
+    return rows, tallies
 
 
 def main() -> int:
@@ -173,6 +294,7 @@ def main() -> int:
         return 0
     workdir = harness.new_workdir("sb")
     engines: dict[str, Engine] = {}
+    key_json_existed = KEY_JSON.exists()
     try:
         rootfs = build_rootfs_tar(workdir)
         many = extended_rootfs(rootfs.tar, workdir / "many.tar", add_many_files)
@@ -188,12 +310,15 @@ def main() -> int:
         overlay2.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
         big.unlink()
         status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
-        rows = bench_pair(engines, args.reps, load_tar)
+        rows, tallies = bench_pair(engines, args.reps, load_tar,
+                                   build_context(workdir / "build-context"))
     finally:
         for engine in engines.values():
             engine.close()
         if workdir.exists():
             harness.remove_workdir(workdir)
+        if not key_json_existed:
+            KEY_JSON.unlink(missing_ok=True)
     print(f"strata overlay status: {status.strip()}")
     print(f"median of {args.reps} runs (load: {max(2, args.reps // 2)}); "
           "ratio = strata / overlay2, < 1 means strata is faster")
@@ -201,6 +326,10 @@ def main() -> int:
               for i in range(4)]
     for r in [["", "strata s", "overlay2 s", "ratio"], *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    print("driver calls of the median timed command (op count x total ms; overlay2: ApplyDiff"
+          " only):")
+    for name, tally in tallies:
+        print(f"  {name}: {tally.summary()}")
     return 0
 
 
