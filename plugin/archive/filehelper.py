@@ -81,7 +81,6 @@ class FileHelper:
         self._out = to_b_w
         self._in = to_a_r
         self._pending = bytearray()
-        self.sent = 0  # files queued since the last sync
         self.ignored_xattrs = 0
 
     # -- queueing --------------------------------------------------------------
@@ -102,7 +101,6 @@ class FileHelper:
         if packed:
             pending += packed
         pending += body
-        self.sent += 1
         if len(pending) >= _SEND_AT:
             self._send_some()
 
@@ -129,7 +127,6 @@ class FileHelper:
         """Wait until B has handled everything queued; raise HelperFailed if it stopped."""
         self._pending += _HEADER.pack(_END if last else _SYNC, 0, 0, 0, 0, 0, 0, 0, 0)
         self._send_all()
-        sent, self.sent = self.sent, 0
         head = _read_exactly(self._in, _REPLY.size)
         index, code, ignored, length = _REPLY.unpack(head)
         message = _read_exactly(self._in, length).decode("utf-8", "replace")
@@ -138,7 +135,6 @@ class FileHelper:
             self._reap()
         if index >= 0:
             raise HelperFailed(index, OSError(code, message) if code else None)
-        del sent
 
     def stop(self) -> None:
         """End B without waiting for its work (A is failing anyway)."""
