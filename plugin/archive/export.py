@@ -7,9 +7,9 @@ starts alone and, once a layer proves big and made of small entries, forks a
 *helper*, and from then on the two take turns on the same pipe.
 
 * The leader walks the tree and cuts the entries, in walk order, into chunks
-  of ``CHUNK_ENTRIES``.  It writes the first ``FORK_MIN_ENTRIES`` alone (a small
-  Diff never pays for a fork), and keeps going alone while the entries are big
-  (``HELPER_MAX_BYTES``).
+  of ``CHUNK_ENTRIES``.  It writes the first ``FORK_MIN_ENTRIES`` alone, forks
+  only when at least two more chunks follow (a small Diff never pays for a
+  fork), and keeps going alone while the entries are big (``HELPER_MAX_BYTES``).
 * With a helper, even chunks are the leader's and odd ones the helper's.
   Each process renders its chunk into memory (up to ``AHEAD_BYTES``) while the
   other one writes, then waits for its *turn*, writes, and passes the turn on.
@@ -22,7 +22,7 @@ starts alone and, once a layer proves big and made of small entries, forks a
 * The turn message also carries the stream offset, which the leader needs for
   the archive's final padding.  The output is byte-identical to one process's.
 
-The two talk over a socketpair: ``c`` (a chunk: names and whiteout flags), ``t``
+The two talk over a socketpair: ``c`` (a chunk of names), ``t``
 (the turn: offset, new inodes), ``e`` (no more chunks), ``x`` (the helper
 failed: why).  The helper dies with the leader (``PR_SET_PDEATHSIG``), and the
 leader kills it on any error, so no process outlives the export.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import gc
 import logging
 import marshal
 import os
@@ -44,7 +45,7 @@ from itertools import chain, islice
 from typing import IO, Any
 
 from plugin.archive.ustar import Header
-from plugin.archive.writer import LayerWriter, Output, walk_tree
+from plugin.archive.writer import LayerWriter, Output, walk_names
 from plugin.errors import StrataError
 from plugin.idtools import IDMappings
 
@@ -54,7 +55,7 @@ log = logging.getLogger("strata.archive")
 #: VM), a few percent of rendering 128 small files (~1.5 ms).
 CHUNK_ENTRIES = 128
 #: The leader writes this many entries alone before it considers a helper.
-FORK_MIN_ENTRIES = 2 * CHUNK_ENTRIES
+FORK_MIN_ENTRIES = CHUNK_ENTRIES
 #: A helper is forked only while the last two chunks averaged less than this per
 #: entry: past it the cost is in moving bytes, and the reader of the pipe (the
 #: plugin, its client) needs the second core.  Diff through the plugin, helper vs
@@ -70,9 +71,10 @@ AHEAD_SENDFILE_MIN = 256 << 10
 _PR_SET_PDEATHSIG = 1
 _LENGTH = struct.Struct("<I")
 
-#: (name relative to the root, True for a whiteout of that name)
-Item = tuple[str, bool]
-Chunk = list[Item]
+#: Names relative to the root; a whiteout of a name is the name after this (no path
+#: holds a NUL).
+WHITEOUT = "\0"
+Chunk = list[str]
 
 
 def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
@@ -80,8 +82,8 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
     root: str = spec["root"]
     prefix = root if root.endswith("/") else root + "/"
     changes: list[list[Any]] | None = spec["changes"]
-    items = _tree_items(root) if changes is None else _change_items(changes)
-    chunks = _chunked(items, CHUNK_ENTRIES)
+    chunks = (walk_names(root, CHUNK_ENTRIES) if changes is None
+              else _chunked(_change_items(changes), CHUNK_ENTRIES))
     out.flush()
     writer = _TurnWriter(out.fileno(), IDMappings.from_json(spec["idmap"]),
                          spec["whiteout_format"], prefix)
@@ -116,32 +118,28 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _tree_items(root: str) -> Iterator[Item]:
-    for _, name in walk_tree(root):
-        yield name, False
-
-
-def _change_items(changes: list[list[Any]]) -> Iterator[Item]:
+def _change_items(changes: list[list[Any]]) -> Iterator[str]:
     for path, kind in changes:
         name = os.path.normpath(path).lstrip("/")
         if not name or name == "." or name.startswith("../"):
             log.warning("skipping change with invalid path %r", path)
         else:
-            yield name, kind == 2
+            yield WHITEOUT + name if kind == 2 else name
 
 
-def _chunked(items: Iterable[Item], size: int) -> Iterator[Chunk]:
+def _chunked(items: Iterable[str], size: int) -> Iterator[Chunk]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
 
 
 def _render(writer: LayerWriter, prefix: str, chunk: Chunk) -> None:
-    for name, whiteout in chunk:
-        if whiteout:
-            writer.add_whiteout(name)
+    add_path = writer.add_path
+    for name in chunk:
+        if name[0] == WHITEOUT:
+            writer.add_whiteout(name[1:])
         else:
-            writer.add_path(prefix + name, name)
+            add_path(prefix + name, name)
 
 
 class _HelperFailed(StrataError):
@@ -286,6 +284,8 @@ class _Leader:
     def run(self, chunks: Iterator[Chunk]) -> None:
         ours, theirs = socket.socketpair()
         leader = os.getpid()
+        # Neither process's collector will touch (and so copy) the objects they share.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             ours.close()

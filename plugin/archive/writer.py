@@ -456,20 +456,29 @@ def _is_opaque(path: str) -> bool:
         return False
 
 
-def walk_tree(root: str) -> Iterator[tuple[str, str]]:
-    """(path, relative name) for everything under root in ``filepath.Walk`` order:
-    depth first, each directory's names sorted by their bytes, root itself omitted."""
+def walk_names(root: str, batch: int) -> Iterator[list[str]]:
+    """The relative names of everything under root in ``filepath.Walk`` order (depth
+    first, each directory's names sorted by their bytes, root itself omitted), in
+    lists of ``batch``: one loop, no generator per entry."""
     stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(_sorted_entries(root), "")]
+    names: list[str] = []
     while stack:
         entries, prefix = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
+        for entry in entries:
+            name = prefix + entry.name
+            names.append(name)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((_sorted_entries(entry.path), name + "/"))
+                break
+            if len(names) == batch:
+                break  # and resume this directory after the yield
+        else:
             stack.pop()
-            continue
-        name = prefix + entry.name
-        yield entry.path, name
-        if entry.is_dir(follow_symlinks=False):
-            stack.append((_sorted_entries(entry.path), name + "/"))
+        if len(names) == batch:
+            yield names
+            names = []
+    if names:
+        yield names
 
 
 def _sorted_entries(directory: str) -> Iterator[os.DirEntry[str]]:
@@ -481,7 +490,7 @@ def _sorted_entries(directory: str) -> Iterator[os.DirEntry[str]]:
         return iter(())
     # ASCII names sort the same as str and as bytes; others (undecodable bytes are
     # surrogates in str) need their bytes.
-    if "".join(entry.name for entry in entries).isascii():
+    if "".join([entry.name for entry in entries]).isascii():
         entries.sort(key=_entry_name)
     else:
         entries.sort(key=lambda entry: os.fsencode(entry.name))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,23 @@ def test_idmapped_export_is_byte_identical(tree: Path) -> None:
                        gids=(IDMap(0, 0, 1000), IDMap(5000, 1001, 10)))
     single = _export(_spec(tree, idmap=idmap), SINGLE, forks=0)
     assert _export(_spec(tree, idmap=idmap), PARALLEL[2], forks=1) == single
+
+
+def test_walk_names_batches_keep_walk_order(tree: Path) -> None:
+    from plugin.archive.writer import walk_names
+
+    def walk(rel: str) -> Iterator[str]:  # filepath.Walk: depth first, sorted by bytes
+        for name in sorted(os.listdir(tree / rel), key=os.fsencode):
+            child = f"{rel}/{name}" if rel else name
+            yield child
+            if (tree / child).is_dir() and not (tree / child).is_symlink():
+                yield from walk(child)
+
+    order = list(walk(""))
+    for size in (1, 5, 128):
+        batches = list(walk_names(str(tree), size))
+        assert [name for batch in batches for name in batch] == order
+        assert all(len(batch) == size for batch in batches[:-1]) and batches[-1]
 
 
 def test_small_export_does_not_fork(tmp_path: Path) -> None:
