@@ -4,55 +4,57 @@ GNU tar needs ~8 µs of syscalls per entry (lstat, llistxattr, open, read,
 close) and we need the same plus ~4 µs of Python, so on a layer of small files
 one process cannot keep up with it.  Two can: this process (the *leader*)
 starts alone and, once a layer proves big and made of small entries, forks a
-*helper*, and from then on the two take turns on the same pipe.
+*helper* that renders part of the entries into a pipe of its own, which the
+leader splices into the output in order.
 
 * The leader walks the tree and cuts the entries, in walk order, into chunks
   of ``CHUNK_ENTRIES``.  It writes the first ``FORK_MIN_ENTRIES`` alone, forks
   only when at least two more chunks follow (a small Diff never pays for a
   fork), and keeps going alone while the entries are big (``HELPER_MAX_BYTES``).
-* With a helper, even chunks are the leader's and odd ones the helper's.
-  Each process renders its chunk into memory (up to ``AHEAD_BYTES``) while the
-  other one writes, then waits for its *turn*, writes, and passes the turn on.
-  Bodies big enough for ``sendfile`` go out only while holding the turn.
-* Hardlinks: the second and later paths of an inode must name the first path
-  in *stream* order, which the renderer of a chunk cannot know before its turn.
-  So a multiply-linked entry met before the turn is put aside and emitted once
-  the turn arrives; the turn message carries the inodes the other process sent
-  first since, so both know every inode that went out before them.
-* The turn message also carries the stream offset, which the leader needs for
-  the archive's final padding.  The output is byte-identical to one process's.
+* With a helper, chunks alternate: the leader renders its own straight into
+  the output, and splices the helper's from the helper's pipe (page references,
+  no copy).  The helper gets its chunks ``HELPER_AHEAD`` ahead and never waits
+  for the leader but on a full pipe, so a hiccup on either side costs little.
+* The helper leaves to the leader what it cannot write alone: a multiply-linked
+  entry (its second and later paths must name the first one in *stream* order,
+  which only the leader sees) and a body big enough for ``sendfile`` (which the
+  leader sends straight into the output).  So the output is byte-identical to
+  one process's, and the leader's tally of bytes gives the final padding.
 
-The two talk over a socketpair: ``c`` (a chunk of names), ``t``
-(the turn: offset, new inodes), ``e`` (no more chunks), ``x`` (the helper
-failed: why).  The helper dies with the leader (``PR_SET_PDEATHSIG``), and the
-leader kills it on any error, so no process outlives the export.
+The two talk over a socketpair.  To the helper: ``c`` (a chunk of names), ``q``
+(no more).  To the leader, in stream order: ``b`` (the next N bytes of the pipe
+are the tar's), ``l`` (the leader writes this name itself), ``e`` (end of the
+chunk), ``x`` (the helper failed: why).  The helper dies with the leader
+(``PR_SET_PDEATHSIG``), and the leader kills it on any error, so no process
+outlives the export.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
+import fcntl
 import gc
 import logging
 import marshal
 import os
 import signal
 import socket
+import stat
 import struct
 import traceback
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from typing import IO, Any
 
-from plugin.archive.ustar import Header
-from plugin.archive.writer import LayerWriter, Output, walk_names
+from plugin.archive.writer import SENDFILE_MIN, LayerWriter, Output, walk_names
 from plugin.errors import StrataError
 from plugin.idtools import IDMappings
 
 log = logging.getLogger("strata.archive")
 
-#: Entries per chunk: a turn costs two context switches (~20-50 µs on the project
-#: VM), a few percent of rendering 128 small files (~1.5 ms).
+#: Entries per chunk: each costs the leader a few messages and syscalls (~30 µs),
+#: 2 % of rendering 128 small files (~1.5 ms).
 CHUNK_ENTRIES = 128
 #: The leader writes this many entries alone before it considers a helper.
 FORK_MIN_ENTRIES = CHUNK_ENTRIES
@@ -62,12 +64,16 @@ FORK_MIN_ENTRIES = CHUNK_ENTRIES
 #: none: 5000 files of 2 KiB 55 vs 74 ms, of 8 KiB 92 vs 98 ms, of 24 KiB 114 vs
 #: 74 ms; /usr/lib/python3.11 (36 KiB per entry) 70 vs 52 ms.
 HELPER_MAX_BYTES = 8 << 10
-#: What a process may render ahead of its turn; with the 1 MiB pipe this bounds
-#: the export's memory to a few MiB.
-AHEAD_BYTES = 4 << 20
-#: While rendering ahead, bodies up to this size are read into memory rather
-#: than sent by ``sendfile`` (which must wait for the turn).
-AHEAD_SENDFILE_MIN = 256 << 10
+#: Chunks the helper is given beyond the one the leader splices next.
+HELPER_AHEAD = 3
+#: A chunk is cut short past this many characters of names: the chunks the helper
+#: has not read yet (``HELPER_AHEAD`` of up to 4 bytes a character, 96 KiB) must fit
+#: the socket's buffer (180 KiB by default), or the leader could block sending
+#: while the helper blocks on a pipe only the leader drains.
+CHUNK_NAME_CHARS = 8 << 10
+#: The helper's pipe: how far it may run ahead of the leader.
+HELPER_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PR_SET_PDEATHSIG = 1
 _LENGTH = struct.Struct("<I")
 
@@ -84,26 +90,42 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
     changes: list[list[Any]] | None = spec["changes"]
     chunks = (walk_names(root, CHUNK_ENTRIES) if changes is None
               else _chunked(_change_items(changes), CHUNK_ENTRIES))
-    out.flush()
-    writer = _TurnWriter(out.fileno(), IDMappings.from_json(spec["idmap"]),
-                         spec["whiteout_format"], prefix)
+    writer = _ChunkWriter(Output(out), IDMappings.from_json(spec["idmap"]),
+                          spec["whiteout_format"], prefix)
     recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=2)
     entries = 0
     try:
         for chunk in chunks:
-            recent.append((len(chunk), writer.render(chunk, have_turn=True)))
+            recent.append((len(chunk), writer.render(chunk)))
             entries += len(chunk)
             if entries >= FORK_MIN_ENTRIES and _small_entries(recent) and _cpus() >= 2:
                 # Only worth a fork with at least two more chunks to share.
                 ahead = list(islice(chunks, 2))
                 if len(ahead) == 2:
-                    _Leader(writer).run(chain(ahead, chunks))
-                    return
+                    _Leader(writer).run(_bounded(chain(ahead, chunks), CHUNK_NAME_CHARS))
+                    break
                 for chunk in ahead:
-                    writer.render(chunk, have_turn=True)
+                    writer.render(chunk)
         writer.close()
     finally:
         writer.close_dirs()
+
+
+def _bounded(chunks: Iterable[Chunk], limit: int) -> Iterator[Chunk]:
+    """The same names, no chunk holding more than ``limit`` characters (or one name)."""
+    for chunk in chunks:
+        if sum(len(name) for name in chunk) <= limit:
+            yield chunk
+            continue
+        part: Chunk = []
+        size = 0
+        for name in chunk:
+            if part and size + len(name) > limit:
+                yield part
+                part, size = [], 0
+            part.append(name)
+            size += len(name)
+        yield part
 
 
 def _small_entries(recent: Iterable[tuple[int, int]]) -> bool:
@@ -147,13 +169,11 @@ class _HelperFailed(StrataError):
 
 
 class _Channel:
-    """Length-prefixed marshal messages over a stream socket; ``recv`` picks the next
-    message of the kinds asked for and keeps the others, in order, for later."""
+    """Length-prefixed marshal messages over a stream socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._file = sock.makefile("rb")
-        self._queued: collections.deque[tuple[Any, ...]] = collections.deque()
 
     def send(self, *message: Any) -> None:
         data = marshal.dumps(message)
@@ -161,192 +181,156 @@ class _Channel:
             self._sock.sendall(_LENGTH.pack(len(data)) + data)
         except OSError:
             # The other end is gone: raise what it said before it went (if anything).
-            self.recv("")
-            raise
+            while True:
+                self.recv()
 
-    def recv(self, kinds: str) -> tuple[Any, ...]:
-        for message in self._queued:
-            if message[0] in kinds:
-                self._queued.remove(message)
-                return message
-        while True:
-            message = self._read()
-            if message[0] == "x":
-                if message[1] == "pipe":
-                    raise BrokenPipeError(message[2])
-                raise _HelperFailed(message[2])
-            if message[0] in kinds:
-                return message
-            self._queued.append(message)
-
-    def _read(self) -> tuple[Any, ...]:
+    def recv(self) -> tuple[Any, ...]:
         head = self._file.read(_LENGTH.size)
         if len(head) < _LENGTH.size:
             raise _HelperFailed("export helper exited without a word")
-        data = self._file.read(_LENGTH.unpack(head)[0])
-        return tuple(marshal.loads(data))
+        message = tuple(marshal.loads(self._file.read(_LENGTH.unpack(head)[0])))
+        if message[0] == "x":
+            if message[1] == "pipe":
+                raise BrokenPipeError(message[2])
+            raise _HelperFailed(message[2])
+        return message
 
     def close(self) -> None:
         self._file.close()
         self._sock.close()
 
 
-class _TurnWriter(LayerWriter):
-    """A LayerWriter that renders chunks ahead and writes them when its turn comes.
-    Without a channel (no helper yet) it always has the turn."""
+class _ChunkWriter(LayerWriter):
+    """A LayerWriter fed chunk by chunk; the helper's also hands entries back."""
 
-    def __init__(self, fd: int, idmap: IDMappings, fmt: str, prefix: str) -> None:
-        self._turn_out = Output(fd)
-        super().__init__(self._turn_out, idmap, fmt)
+    def __init__(self, out: Output, idmap: IDMappings, fmt: str, prefix: str) -> None:
+        super().__init__(out, idmap, fmt)
+        self.out = out
         self._prefix = prefix
         self._channel: _Channel | None = None
-        self._flush_at = self._turn_out.flush_at
-        self._sendfile_min = self._turn_out.sendfile_min
-        #: Multiply-linked entries met before the turn, with where they go in the buffer.
-        self._deferred: list[tuple[int, str, str, os.stat_result, Header]] = []
-        #: Inodes that first went out since we last passed the turn.
-        self._new_links: list[tuple[int, int, str]] = []
-        #: Where the stream stood after the last chunk we wrote or heard of.
-        self._stream_offset = 0
 
-    def attach(self, channel: _Channel) -> None:
-        """Start taking turns (just after the fork: both sides know the same inodes)."""
-        self._channel = channel
-        self._new_links = []
-
-    def render(self, chunk: Chunk, have_turn: bool) -> int:
-        """Write ``chunk``: into memory until the turn comes (unless we have it).
-        Returns the bytes it took."""
-        out = self._turn_out
-        start = out.offset
-        if not have_turn:
-            out.gate, out.flush_at, out.sendfile_min = (self._take_turn, AHEAD_BYTES,
-                                                        AHEAD_SENDFILE_MIN)
+    def render(self, chunk: Chunk) -> int:
+        """Write ``chunk``; returns the bytes it took."""
+        start = self.out.offset
         _render(self, self._prefix, chunk)
-        out.flush()
-        written = out.offset - start
-        self._stream_offset += written
-        return written
+        self.out.flush()
+        return self.out.offset - start
 
-    def pass_turn(self) -> None:
+    def become_helper(self, channel: _Channel, pipe: int) -> None:
+        """In the forked helper: write to ``pipe``, announcing every write."""
+        self._channel = channel
+        self.out = self._out = Output(pipe)
+        self.out.announce = self._announce
+        self.out.sendfile_min = 1 << 62  # big bodies are delegated: never sendfile here
+        self._delegates = True
+
+    def add_delegated(self, name: str) -> None:
+        """In the leader: write an entry the helper handed back."""
+        self.add_path(self._prefix + name, name)
+
+    def _announce(self, size: int) -> None:
         assert self._channel is not None
-        self._channel.send("t", self._stream_offset, self._new_links)
-        self._new_links = []
+        self._channel.send("b", size)
 
-    def wait_turn(self) -> None:
-        """Take the turn without a chunk to write (the other process wrote the last)."""
-        self._take_turn()
-
-    def close(self) -> None:
-        self._turn_out.offset = self._stream_offset
-        super().close()
-
-    def _take_turn(self) -> None:
-        assert self._channel is not None
-        _, offset, links = self._channel.recv("t")
-        for dev, ino, name in links:
-            self._seen_inodes.setdefault((dev, ino), name)
-        self._stream_offset = offset
-        out = self._turn_out
-        out.gate, out.flush_at, out.sendfile_min = None, self._flush_at, self._sendfile_min
-        if self._deferred:
-            deferred, self._deferred = self._deferred, []
-            held = out.take_held()
-            start = 0
-            for position, path, name, st, info in deferred:
-                out.write(held[start:position])
-                start = position
-                self._emit_deferred(path, name, st, info)
-            out.write(held[start:])
-
-    def _defer(self, path: str, name: str, st: os.stat_result, info: Header) -> bool:
-        if self._turn_out.gate is None:
-            return False  # our turn: every earlier inode is known
-        self._deferred.append((self._turn_out.held, path, name, st, info))
-        return True
-
-    def _first_path(self, inode: tuple[int, int], name: str) -> str:
-        first = self._seen_inodes.get(inode)
-        if first is None:
-            self._seen_inodes[inode] = name
-            if self._channel is not None:
-                self._new_links.append((inode[0], inode[1], name))
-            return name
-        return first
+    def _delegate(self, name: str, st: os.stat_result) -> bool:
+        mode = st.st_mode
+        if (st.st_nlink > 1 and not stat.S_ISDIR(mode)) or (
+                stat.S_ISREG(mode) and st.st_size >= SENDFILE_MIN):
+            assert self._channel is not None
+            self.out.flush()
+            self._channel.send("l", name)
+            return True
+        return False
 
 
 class _Leader:
-    """Forks the helper, then renders the even chunks and feeds it the odd ones."""
+    """Forks the helper, then writes the chunks in order: its own, and the helper's
+    from the helper's pipe."""
 
-    def __init__(self, writer: _TurnWriter) -> None:
+    def __init__(self, writer: _ChunkWriter) -> None:
         self._writer = writer
 
     def run(self, chunks: Iterator[Chunk]) -> None:
         ours, theirs = socket.socketpair()
+        pipe_r, pipe_w = os.pipe()
+        try:
+            fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, HELPER_PIPE_BYTES)
+        except OSError:
+            pass  # a lower pipe-max-size: the helper runs less far ahead
         leader = os.getpid()
         # Neither process's collector will touch (and so copy) the objects they share.
         gc.freeze()
         pid = os.fork()
         if pid == 0:
             ours.close()
-            _helper_main(theirs, leader, self._writer)
+            os.close(pipe_r)
+            _helper_main(theirs, pipe_w, leader, self._writer)
         theirs.close()
+        os.close(pipe_w)
         channel = _Channel(ours)
         try:
-            self._writer.attach(channel)
-            self._lead(channel, self._writer, chunks)
+            self._lead(channel, pipe_r, chunks)
         except BaseException:
             _kill(pid)
             raise
         finally:
             channel.close()
+            os.close(pipe_r)
         _, status = os.waitpid(pid, 0)
         if status != 0:
             raise StrataError(f"export helper ended with status {status:#x}")
 
-    @staticmethod
-    def _lead(channel: _Channel, writer: _TurnWriter, chunks: Iterator[Chunk]) -> None:
-        mine: collections.deque[Chunk] = collections.deque()
-        pulled = 0  # chunks taken from the walk; chunk k is ours when k is even
+    def _lead(self, channel: _Channel, pipe: int, chunks: Iterator[Chunk]) -> None:
+        writer = self._writer
+        # Stream order of the chunks walked but not written: ours, or None for the
+        # helper's.  Chunks alternate, ours first, so the helper starts at once.
+        order: collections.deque[Chunk | None] = collections.deque()
+        helpers_pending = 0
+        ours_next = True
         walking = True
-        rendered = 0  # so our next chunk is number 2 * rendered
         while True:
-            # Before rendering chunk 2r, the helper gets 2r + 1 and 2r + 3: it
-            # renders the next one while it waits for its turn to write this one.
-            while walking and pulled < 2 * rendered + 4:
+            while walking and helpers_pending < HELPER_AHEAD:
                 chunk = next(chunks, None)
                 if chunk is None:
                     walking = False
-                    channel.send("e")
-                    break
-                if pulled % 2 == 0:
-                    mine.append(chunk)
+                elif ours_next:
+                    order.append(chunk)
                 else:
                     channel.send("c", chunk)
-                pulled += 1
-            if not mine:
+                    order.append(None)
+                    helpers_pending += 1
+                ours_next = not ours_next
+            if not order:
                 break
-            writer.render(mine.popleft(), have_turn=rendered == 0)
-            rendered += 1
-            if pulled > 2 * rendered - 1:
-                writer.pass_turn()  # to the helper, for chunk 2 * rendered - 1
-        if pulled % 2 == 0:
-            writer.wait_turn()  # the helper wrote the last chunk
-        writer.close()
+            chunk = order.popleft()
+            if chunk is not None:
+                writer.render(chunk)
+            else:
+                self._copy_helper_chunk(channel, pipe)
+                helpers_pending -= 1
+        channel.send("q")
+
+    def _copy_helper_chunk(self, channel: _Channel, pipe: int) -> None:
+        writer = self._writer
+        while (message := channel.recv())[0] != "e":
+            if message[0] == "b":
+                writer.out.splice_from(pipe, message[1])
+            else:
+                writer.add_delegated(message[1])
 
 
-def _helper_main(sock: socket.socket, leader: int, writer: _TurnWriter) -> None:
-    """The forked helper: render the chunks it is sent, in turn; never returns.
-    ``writer`` is the leader's, as it was at the fork (its inodes, names, dirs)."""
+def _helper_main(sock: socket.socket, pipe: int, leader: int, writer: _ChunkWriter) -> None:
+    """The forked helper: render the chunks it is sent into ``pipe``; never returns.
+    ``writer`` is the leader's, as it was at the fork (its names, directories)."""
     code = 1
     channel: _Channel | None = None
     try:
         _die_with_parent(leader)
         channel = _Channel(sock)
-        writer.attach(channel)
-        while (message := channel.recv("ce"))[0] == "c":
-            writer.render(message[1], have_turn=False)
-            writer.pass_turn()
+        writer.become_helper(channel, pipe)
+        while (message := channel.recv())[0] == "c":
+            writer.render(message[1])
+            channel.send("e")
         code = 0
     except BrokenPipeError as exc:
         _report(channel, "pipe", str(exc))

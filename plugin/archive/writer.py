@@ -64,9 +64,8 @@ class SkipEntry(Exception):
 class Output:
     """Batches small writes into one ``write`` per ~1 MiB; big bodies go by ``sendfile``.
 
-    ``gate``, when set, is called once before the first byte reaches the descriptor
-    (a process taking turns on a shared pipe waits for its turn there); until then
-    up to ``flush_at`` bytes are held."""
+    ``announce``, when set, is told the size of every write before it is made (a
+    process whose pipe another one splices from says how much to take)."""
 
     def __init__(self, out: IO[bytes] | int) -> None:
         if isinstance(out, int):
@@ -80,16 +79,8 @@ class Output:
         self.offset = 0
         self.flush_at = _FLUSH_AT
         self.sendfile_min = SENDFILE_MIN
-        self.gate: Callable[[], None] | None = None
+        self.announce: Callable[[int], None] | None = None
         self._sendfile_ok = hasattr(os, "sendfile")
-
-    def take_held(self) -> bytes:
-        """Remove and return the bytes not yet flushed, as if never written."""
-        data = b"".join(self._parts)
-        self._parts.clear()
-        self.held = 0
-        self.offset -= len(data)
-        return data
 
     def write(self, data: bytes) -> None:
         self._parts.append(data)
@@ -99,17 +90,27 @@ class Output:
             self.flush()
 
     def flush(self) -> None:
-        if self.gate is not None:
-            gate, self.gate = self.gate, None
-            gate()
         if not self._parts:
             return
         view = memoryview(b"".join(self._parts))
         self._parts.clear()
         self.held = 0
+        if self.announce is not None:
+            self.announce(len(view))
         done = 0
         while done < len(view):
             done += os.write(self._fd, view[done:])
+
+    def splice_from(self, src_fd: int, size: int) -> None:
+        """Move exactly ``size`` bytes from the pipe ``src_fd`` (page references, no copy)."""
+        self.flush()
+        left = size
+        while left:
+            moved = os.splice(src_fd, self._fd, left)
+            if not moved:
+                raise OSError(errno.EPIPE, "the pipe spliced from ended early")
+            left -= moved
+        self.offset += size
 
     def write_file(self, header: bytes, src_fd: int, size: int, path: str) -> None:
         """``header``, then exactly ``size`` bytes of ``src_fd`` and the padding: zeros
@@ -171,8 +172,8 @@ class LayerWriter:
     """Entries in the order they are added; ``close`` ends the archive.
 
     The second and later paths of a multiply-linked inode become hardlink entries
-    naming the first path written.  ``_defer`` lets a subclass hold such entries
-    back until it knows which paths went first (``export.py``)."""
+    naming the first path written.  A subclass that sets ``_delegates`` may hand an
+    entry to another writer instead, from ``_delegate`` (``export.py``)."""
 
     def __init__(self, out: IO[bytes] | Output, idmap: IDMappings,
                  whiteout_format: str = "aufs") -> None:
@@ -189,6 +190,7 @@ class LayerWriter:
         self._dir_fds: dict[str, int | None] = {}
         # No ID mapping or whiteout conversion: plain entries take _plain_block.
         self._simple = idmap.empty and not self._overlay
+        self._delegates = False
 
     def close(self) -> None:
         """End the archive."""
@@ -235,6 +237,8 @@ class LayerWriter:
     def _add_path(self, path: str, name: str) -> None:
         dir_fd, base = self._locate(path)
         st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+        if self._delegates and self._delegate(name, st):
+            return
         mode = st.st_mode
         # A body to send is opened first: its xattrs are read through the descriptor,
         # and a file that vanished is skipped whole.
@@ -256,12 +260,14 @@ class LayerWriter:
             if not self._idmap.empty and not is_whiteout and not os.path.basename(
                     name.rstrip("/")).startswith(th.WHITEOUT_PREFIX):
                 info.uid, info.gid = self._container_ids(st)
-            if st.st_nlink > 1 and not _S_ISDIR(mode) and self._defer(path, name, st, info):
-                return
             self._emit(path, name, st, info, fd)
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _delegate(self, name: str, st: os.stat_result) -> bool:
+        """Whether the entry was handed to another writer (only with ``_delegates``)."""
+        return False
 
     def _plain_block(self, name: str, st: os.stat_result) -> bytes | None:
         """The header of the commonest entry, a directory or a file with one link, when
@@ -278,25 +284,14 @@ class LayerWriter:
         return plain_block(tar_name, typeflag, mode, uid, gid, size, st.st_mtime_ns // th.NS,
                            self._user(uid), self._group(gid))
 
-    def _defer(self, path: str, name: str, st: os.stat_result, info: _Header) -> bool:
-        """Whether the multiply-linked entry was put aside to be emitted later."""
-        return False
-
-    def _emit_deferred(self, path: str, name: str, st: os.stat_result, info: _Header) -> None:
-        try:
-            self._emit(path, name, st, info)
-        except (SkipEntry, OSError) as exc:
-            _skip_or_raise(path, exc)
-
-    def _emit(self, path: str, name: str, st: os.stat_result, info: _Header,
-              fd: int = -1) -> None:
+    def _emit(self, path: str, name: str, st: os.stat_result, info: _Header, fd: int) -> None:
         """Write the entry: a hardlink when its inode already went out, a whiteout in
         aufs form, then the overlay opaque marker of a directory.  ``fd`` is the open
-        file when the caller has it."""
+        file of a regular file with a body (-1 otherwise)."""
         mode = st.st_mode
         is_dir = _S_ISDIR(mode)
         if st.st_nlink > 1 and not is_dir:
-            first = self._first_path((st.st_dev, st.st_ino), name)
+            first = self._seen_inodes.setdefault((st.st_dev, st.st_ino), name)
             if first != name:
                 info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
                 info.pax = {}
@@ -305,21 +300,10 @@ class LayerWriter:
         opaque = self._overlay and is_dir and _is_opaque(path)
         if info.type != tarfile.REGTYPE or info.size == 0:
             self._out.write(encode_header(info))
-        elif fd >= 0:
-            self._out.write_file(encode_header(info), fd, info.size, path)
         else:
-            # Open before writing the header: a file that vanished is skipped whole.
-            fd = os.open(path, _O_READ)
-            try:
-                self._out.write_file(encode_header(info), fd, info.size, path)
-            finally:
-                os.close(fd)
+            self._out.write_file(encode_header(info), fd, info.size, path)
         if opaque:
             self._out.write(encode_header(self._opaque_marker(info)))
-
-    def _first_path(self, inode: tuple[int, int], name: str) -> str:
-        """The name the inode went out under first; ``name`` when this is the first."""
-        return self._seen_inodes.setdefault(inode, name)
 
     def _user(self, uid: int) -> str:
         uname = self._unames.get(uid)

@@ -2,9 +2,9 @@
 
 Each export runs ``worker.main(["export"])`` in a fresh interpreter, as the
 zygote's children do, with the chunking knobs turned down so that a tree of a
-hundred-odd entries spans many turns: hardlinks within a chunk, across chunks
-and across processes, bodies rendered ahead and bodies sent while holding the
-turn.  Whiteout mtimes come from ``time.time()``, pinned here.
+hundred-odd entries spans many chunks: hardlinks within a chunk, across chunks
+and across processes, bodies the helper hands back to the leader, a helper
+pipe of one page.  Whiteout mtimes come from ``time.time()``, pinned here.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from plugin.idtools import IDMappings
 REPO = Path(__file__).resolve().parents[2]
 CAP_V3 = struct.pack("<IIIIII", 0x03000001, 1 << 10, 0, 0, 0, 1000)
 SINGLE = {"FORK_MIN_ENTRIES": 10 ** 9}
-# Odd chunk sizes, a small look-ahead: turns are taken mid-chunk too.
+# Odd chunk sizes, short and long look-ahead, a one-page helper pipe.
 _ANY_SIZE = {"HELPER_MAX_BYTES": 1 << 40}
 PARALLEL = [
-    {"CHUNK_ENTRIES": 1, "FORK_MIN_ENTRIES": 2, "AHEAD_BYTES": 1 << 20, **_ANY_SIZE},
-    {"CHUNK_ENTRIES": 3, "FORK_MIN_ENTRIES": 6, "AHEAD_BYTES": 8 << 10, **_ANY_SIZE},
-    {"CHUNK_ENTRIES": 8, "FORK_MIN_ENTRIES": 16, "AHEAD_BYTES": 64 << 10, **_ANY_SIZE},
-    {"CHUNK_ENTRIES": 32, "FORK_MIN_ENTRIES": 32, "AHEAD_BYTES": 4 << 20, **_ANY_SIZE},
+    {"CHUNK_ENTRIES": 1, "FORK_MIN_ENTRIES": 2, "HELPER_AHEAD": 1, **_ANY_SIZE},
+    {"CHUNK_ENTRIES": 3, "FORK_MIN_ENTRIES": 6, "HELPER_PIPE_BYTES": 4096, **_ANY_SIZE},
+    {"CHUNK_ENTRIES": 8, "FORK_MIN_ENTRIES": 16, "HELPER_AHEAD": 5, **_ANY_SIZE},
+    {"CHUNK_ENTRIES": 32, "FORK_MIN_ENTRIES": 32, **_ANY_SIZE},
 ]
 RUNNER = """
 import json, os, sys, time
@@ -59,12 +59,12 @@ def counting_fork():
 os.fork = counting_fork
 if failing:
     leader = os.getpid()
-    real_render = export._TurnWriter.render
-    def render(self, chunk, have_turn):
+    real_render = export._ChunkWriter.render
+    def render(self, chunk):
         if os.getpid() != leader:
             raise OSError(5, failing)
-        return real_render(self, chunk, have_turn)
-    export._TurnWriter.render = render
+        return real_render(self, chunk)
+    export._ChunkWriter.render = render
 code = worker.main(["export"])
 sys.stderr.write(f"FORKS {len(forks)}\\n")
 sys.exit(code)
@@ -191,6 +191,16 @@ def test_change_export_with_whiteouts_is_byte_identical(tree: Path) -> None:
         assert ".wh.gone" in single.decode("latin-1")
         for knobs in [*PARALLEL[:2], {**PARALLEL[1], "CHUNK_ENTRIES": 2, "FORK_MIN_ENTRIES": 2}]:
             assert _export(_spec(tree, CHANGES, fmt), knobs, forks=1) == single, (fmt, knobs)
+
+
+def test_long_names_and_a_small_helper_pipe(tmp_path: Path) -> None:
+    """Chunks of 1 KiB paths outgrow the socket's buffer unless cut short, and with a
+    one-page helper pipe both processes block on each other often."""
+    deep = tmp_path / ("a" * 250) / ("b" * 250) / ("c" * 250)
+    for i in range(1200):
+        _write(deep / (f"{i:04d}" + "d" * 240), b"x" * (i % 3000))
+    knobs = {"FORK_MIN_ENTRIES": 64, "HELPER_PIPE_BYTES": 4096, **_ANY_SIZE}
+    assert _export(_spec(tmp_path), knobs, forks=1) == _export(_spec(tmp_path), SINGLE, forks=0)
 
 
 def test_idmapped_export_is_byte_identical(tree: Path) -> None:
