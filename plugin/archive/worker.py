@@ -9,8 +9,10 @@ pipes only:
 * ``zygote FD``: serve fork requests on the socket FD (``zygote.py``); each
   forked child then runs ``apply`` or ``export`` as above.
 * ``export``: one JSON line on stdin (root, changes or null, idmap, whiteout
-  format; it can be megabytes, too big for argv), the tar on stdout.  A fatal
-  failure exits non-zero after a ``FATAL <message>`` line on stderr.
+  format; it can be megabytes, too big for argv), the tar on stdout
+  (``export.py``; a big layer of small files gets a helper process, which dies
+  with the worker).  A fatal failure exits non-zero after a ``FATAL <message>``
+  line on stderr.
 
 Everything the extractor needs is imported at module load, before ``chroot``:
 after it the interpreter can no longer find stdlib modules.

@@ -1,6 +1,7 @@
 """Write layer tars the way docker's ``tarAppender.addTarFile`` does (protocol §6.3).
 
-Runs in the export worker child, writing to its stdout.  Entries are relative,
+Runs in the export worker (``export.py``: the worker writing to its stdout, and
+the helper it may fork writing to a pipe of its own).  Entries are relative,
 directories end in ``/``, mtimes are whole seconds, the mode field carries the
 file type bits, owners are numeric and mapped host -> container.  Unlike docker
 (which keeps only ``security.capability``), every xattr is exported except the
