@@ -65,12 +65,12 @@ FORK_MIN_ENTRIES = CHUNK_ENTRIES
 #: 74 ms; /usr/lib/python3.11 (36 KiB per entry) 70 vs 52 ms.
 HELPER_MAX_BYTES = 8 << 10
 #: Chunks the helper is given beyond the one the leader splices next.
-HELPER_AHEAD = 3
-#: A chunk is cut short past this many characters of names: the chunks the helper
-#: has not read yet (``HELPER_AHEAD`` of up to 4 bytes a character, 96 KiB) must fit
-#: the socket's buffer (180 KiB by default), or the leader could block sending
+HELPER_AHEAD = 6
+#: A chunk is cut short when its message would pass this size: the chunks the
+#: helper has not read yet (``HELPER_AHEAD`` of them, 144 KiB) must fit the
+#: socketpair's buffer (180 KiB by default), or the leader could block sending
 #: while the helper blocks on a pipe only the leader drains.
-CHUNK_NAME_CHARS = 8 << 10
+CHUNK_MESSAGE_BYTES = 24 << 10
 #: The helper's pipe: how far it may run ahead of the leader.
 HELPER_PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -102,7 +102,7 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
                 # Only worth a fork with at least two more chunks to share.
                 ahead = list(islice(chunks, 2))
                 if len(ahead) == 2:
-                    _Leader(writer).run(_bounded(chain(ahead, chunks), CHUNK_NAME_CHARS))
+                    _Leader(writer).run(_bounded(chain(ahead, chunks), CHUNK_MESSAGE_BYTES))
                     break
                 for chunk in ahead:
                     writer.render(chunk)
@@ -112,20 +112,13 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
 
 
 def _bounded(chunks: Iterable[Chunk], limit: int) -> Iterator[Chunk]:
-    """The same names, no chunk holding more than ``limit`` characters (or one name)."""
+    """The same names, each chunk's message at most ``limit`` bytes (or one name)."""
     for chunk in chunks:
-        if sum(len(name) for name in chunk) <= limit:
+        if len(chunk) == 1 or len(marshal.dumps(("c", chunk))) <= limit:
             yield chunk
-            continue
-        part: Chunk = []
-        size = 0
-        for name in chunk:
-            if part and size + len(name) > limit:
-                yield part
-                part, size = [], 0
-            part.append(name)
-            size += len(name)
-        yield part
+        else:
+            half = len(chunk) // 2
+            yield from _bounded((chunk[:half], chunk[half:]), limit)
 
 
 def _small_entries(recent: Iterable[tuple[int, int]]) -> bool:
