@@ -66,10 +66,10 @@ FORK_MIN_ENTRIES = CHUNK_ENTRIES
 HELPER_MAX_BYTES = 8 << 10
 #: Chunks the helper is given beyond the one the leader splices next.
 HELPER_AHEAD = 6
-#: A chunk is cut short when its message would pass this size: the chunks the
-#: helper has not read yet (``HELPER_AHEAD`` of them, 144 KiB) must fit the
-#: socketpair's buffer (180 KiB by default), or the leader could block sending
-#: while the helper blocks on a pipe only the leader drains.
+#: A chunk is cut short when its message would pass this size, or its share of
+#: the socketpair's buffer: the chunks the helper has not read yet (``HELPER_AHEAD``
+#: of them) must fit in it, or the leader could block sending while the helper
+#: blocks on a pipe only the leader drains.
 CHUNK_MESSAGE_BYTES = 24 << 10
 #: The helper's pipe: how far it may run ahead of the leader.
 HELPER_PIPE_BYTES = 1 << 20
@@ -102,7 +102,7 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
                 # Only worth a fork with at least two more chunks to share.
                 ahead = list(islice(chunks, 2))
                 if len(ahead) == 2:
-                    _Leader(writer).run(_bounded(chain(ahead, chunks), CHUNK_MESSAGE_BYTES))
+                    _Leader(writer).run(chain(ahead, chunks))
                     break
                 for chunk in ahead:
                     writer.render(chunk)
@@ -245,6 +245,10 @@ class _Leader:
 
     def run(self, chunks: Iterator[Chunk]) -> None:
         ours, theirs = socket.socketpair()
+        # SO_SNDBUF counts the kernel's overhead too (208 KiB hold 180 KiB of 4 KiB
+        # messages): half of it is payload with room to spare.
+        room = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+        chunks = _bounded(chunks, min(CHUNK_MESSAGE_BYTES, room // HELPER_AHEAD))
         pipe_r, pipe_w = os.pipe()
         try:
             fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, HELPER_PIPE_BYTES)
