@@ -93,6 +93,28 @@ def ustar_block(h: Header, name: str, linkname: str, uname: str, gname: str,
     return _HEAD.pack(name_b, numbers, b"%06o\0 " % checksum) + tail
 
 
+def plain_block(name: str, typeflag: bytes, mode: int, uid: int, gid: int, size: int,
+                mtime: int, uname: str, gname: str) -> bytes | None:
+    """``encode_header`` of an entry with no link, device or PAX record, when the ustar
+    block holds it as it is (else None): the per-entry fast path of the writer."""
+    if not (len(name) <= 100 and name.isascii() and 0 <= uid < _MAX_ID and 0 <= gid < _MAX_ID
+            and 0 <= size < _MAX_NUM and 0 <= mtime < _MAX_NUM and len(uname) <= 32
+            and uname.isascii() and len(gname) <= 32 and gname.isascii()):
+        return None
+    key = (typeflag, uname, gname)
+    hit = _tails.get(key)
+    if hit is None:
+        if len(_tails) >= _TAIL_CACHE_MAX:
+            _tails.clear()
+        hit = _tails[key] = _tail(typeflag, "", uname, gname, 0, 0)
+    tail, tail_sum = hit
+    name_b = name.encode("ascii")
+    numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode if mode > 0o7777 else mode & 0o7777,
+                                                        uid, gid, size, mtime)
+    checksum = sum(name_b) + sum(numbers) + _BLANK_SUM + tail_sum
+    return _HEAD.pack(name_b, numbers, b"%06o\0 " % checksum) + tail
+
+
 def _plain(h: Header) -> bool:
     """True when the ustar block holds the entry as it is: no PAX header needed."""
     return (not h.pax and h.name.isascii() and len(h.name) <= 100 and h.linkname.isascii()

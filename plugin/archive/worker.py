@@ -9,8 +9,10 @@ pipes only:
 * ``zygote FD``: serve fork requests on the socket FD (``zygote.py``); each
   forked child then runs ``apply`` or ``export`` as above.
 * ``export``: one JSON line on stdin (root, changes or null, idmap, whiteout
-  format; it can be megabytes, too big for argv), the tar on stdout.  A fatal
-  failure exits non-zero after a ``FATAL <message>`` line on stderr.
+  format; it can be megabytes, too big for argv), the tar on stdout
+  (``export.py``; a big layer of small files gets a helper process, which dies
+  with the worker).  A fatal failure exits non-zero after a ``FATAL <message>``
+  line on stderr.
 
 Everything the extractor needs is imported at module load, before ``chroot``:
 after it the interpreter can no longer find stdlib modules.
@@ -22,11 +24,11 @@ import json
 import logging
 import os
 import sys
-from typing import IO, Any
+from typing import Any
 
+from plugin.archive.export import export_layer
 from plugin.archive.extract import LayerExtractor
 from plugin.archive.stream import FATAL_PREFIX
-from plugin.archive.writer import LayerWriter, walk_tree
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
 
@@ -50,26 +52,6 @@ def _apply(args: dict[str, Any], stdin: int) -> dict[str, Any]:
         return {"error": f"applying layer to {root}: {exc}", "kind": "StrataError"}
 
 
-def _export(spec: dict[str, Any], out: IO[bytes]) -> None:
-    root = spec["root"]
-    writer = LayerWriter(out, IDMappings.from_json(spec["idmap"]), spec["whiteout_format"])
-    changes: list[list[Any]] | None = spec["changes"]
-    if changes is None:
-        for path, name in walk_tree(root):
-            writer.add_path(path, name)
-    else:
-        for path, kind in changes:
-            name = os.path.normpath(path).lstrip("/")
-            if not name or name == "." or name.startswith("../"):
-                log.warning("skipping change with invalid path %r", path)
-            elif kind == 2:
-                writer.add_whiteout(name)
-            else:
-                writer.add_path(os.path.join(root, name), name)
-    writer.close()
-    out.flush()
-
-
 def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(message)s")
@@ -82,7 +64,7 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) == 1 and argv[0] == "export":
         try:
-            _export(json.loads(stdin.readline()), stdout)
+            export_layer(json.loads(stdin.readline()), stdout)
         except BrokenPipeError:
             # The reader went away; keep interpreter shutdown from flushing into the pipe.
             os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())

@@ -22,6 +22,7 @@ be started or dies, callers fall back to a fresh ``Popen`` per job.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -242,8 +243,11 @@ def _fork_job(sel: selectors.BaseSelector, control: socket.socket, argv: list[st
 
 def main(control_fd: int) -> int:
     """``python -m plugin.archive.worker zygote FD``."""
-    # Import everything a worker needs now, so each fork starts warm.
+    # Import everything a worker needs now, so each fork starts warm, and keep the
+    # collector off those objects: a collection in a child would copy their pages.
     from plugin.archive import worker  # noqa: F401
+
+    gc.freeze()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the plugin's Ctrl-C is not ours
     return serve(socket.socket(fileno=control_fd))

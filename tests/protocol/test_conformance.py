@@ -216,6 +216,55 @@ async def test_commit_pattern_diff_streams_into_apply(plugin: PluginUnderTest) -
     await c.put(committed)
 
 
+def _export_workers() -> list[int]:
+    """Archive workers now alive (children of the zygote, and theirs)."""
+    from plugin.archive import stream
+
+    proc = stream._ZYGOTE._proc
+    if proc is None:
+        return []
+    parents, found = {proc.pid}, []
+    changed = True
+    while changed:
+        changed = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in found:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) in parents and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+                parents.add(int(entry))
+                changed = True
+    return found
+
+
+async def test_diff_reader_going_away_ends_the_export(plugin: PluginUnderTest) -> None:
+    """dockerd drops a Diff it no longer wants: the worker (and the helper a layer of
+    many small files gets) must go, and the layer stay usable."""
+    c = plugin.client
+    layer = new_id()
+    await c.create(layer)
+    root = await c.get(layer)
+    for i in range(3000):
+        write(os.path.join(root, f"d{i // 100}", f"f{i}"), b"x" * 3000)
+    await c.put(layer)
+    loop = asyncio.get_running_loop()
+    async for _ in c.diff_chunks(layer):
+        assert await loop.run_in_executor(None, _export_workers)
+        break  # closes the connection with most of the tar unread
+    for _ in range(500):
+        if not await loop.run_in_executor(None, _export_workers):
+            break
+        await asyncio.sleep(0.02)
+    assert await loop.run_in_executor(None, _export_workers) == []
+    with tarfile.open(fileobj=io.BytesIO(await c.diff(layer))) as tf:
+        assert len(tf.getnames()) == 3030
+
+
 async def test_layer_survives_plugin_restart_without_init(plugin: PluginUnderTest) -> None:
     await make_base(plugin, "Base")
     root = await plugin.client.get("Base")
