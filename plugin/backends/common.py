@@ -74,6 +74,9 @@ class RefCountedStore:
     def exists(self, layer_id: str) -> bool:
         return self.store.exists(layer_id)
 
+    def close(self) -> None:
+        self.refs.close()
+
     # ---- answers from memory (on the event loop) --------------------------------
     def exists_nowait(self, layer_id: str) -> bool | None:
         return True if self.store.known(layer_id) else None

@@ -111,6 +111,11 @@ class ProtoDriver(ABC):
     @abstractmethod
     def cleanup(self) -> None: ...
 
+    def close(self) -> None:
+        """Let go of files held open under Home (after Cleanup, or when a re-Init
+        replaces this driver): an open file keeps a Home that is a mount busy.
+        Later calls still work; they reopen what they need."""
+
     def capabilities(self) -> Capabilities:
         return Capabilities()
 

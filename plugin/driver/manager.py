@@ -62,6 +62,13 @@ class DriverManager:
         self._activate(record)
         save_init(self.state_dir, record)
 
+    def close(self) -> None:
+        """The server stops: let go of the driver's open files."""
+        with self._lock:
+            driver = self._driver
+        if driver is not None:
+            driver.close()
+
     def _activate(self, record: InitRecord) -> None:
         idmap: IDMappings = record.idmap
         with self._lock:
@@ -69,4 +76,6 @@ class DriverManager:
                 driver = registry.new(record.home, record.options, idmap)
             else:
                 driver = registry.get_driver(record.backend, record.home, record.options, idmap)
-            self._driver, self._record = driver, record
+            old, self._driver, self._record = self._driver, driver, record
+        if old is not None:
+            old.close()

@@ -90,6 +90,9 @@ class NaiveDiffDriver(Driver):
     def cleanup(self) -> None:
         self.proto.cleanup()
 
+    def close(self) -> None:
+        self.proto.close()
+
     def capabilities(self) -> Capabilities:
         return self.proto.capabilities()
 

@@ -173,7 +173,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def cleanup(request: web.Request) -> web.Response:
-    await run(request, driver_of(request).cleanup)
+    driver = driver_of(request)
+    await run(request, driver.cleanup)
+    driver.close()
     return encode(p.ErrResponse())
 
 

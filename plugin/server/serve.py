@@ -99,6 +99,7 @@ async def serve(config: ServeConfig) -> None:
         notify("STOPPING=1")
         log.info("shutting down")
         await runner.cleanup()
+        manager.close()
         for path in (spec, owned_socket):
             if path:
                 with contextlib.suppress(FileNotFoundError):

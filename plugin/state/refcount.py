@@ -94,6 +94,7 @@ class RefCounter:
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._journal_lines = 0
+        self._journal_fd: int | None = None
         self._compact()
 
     def _compact(self) -> None:
@@ -107,14 +108,29 @@ class RefCounter:
     def _append(self, line: bytes) -> None:
         """Append one line with one write(2): the only file I/O a count made on the
         event loop does (the protocol suite's blocking-call guard allows exactly
-        this function).  Not kept open: an open file under Home would keep a
-        zfs dataset, or any Home that is a mount, busy."""
-        fd = os.open(journal_path(self._path), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        this function).  The journal stays open between appends (an open and a
+        close cost ~50 us of a ~250 us Get on an ext4 loop); ``close`` lets go of
+        it, since an open file under Home keeps a zfs dataset, or any Home that
+        is a mount, busy."""
+        fd = self._journal_fd
+        if fd is None:
+            fd = self._journal_fd = os.open(journal_path(self._path),
+                                            os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.write(fd, line)
         self._journal_lines += 1
+
+    def close(self) -> None:
+        """Close the journal (Cleanup, or the driver is being replaced); the next
+        count opens it again."""
+        with self._file_lock:
+            fd, self._journal_fd = self._journal_fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_journal_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def lock(self, layer_id: str) -> threading.Lock:
         """The lock that serialises get/put/remove of one id."""

@@ -72,11 +72,12 @@ class PluginUnderTest:
         self.state_dir = os.path.join(root, "state")
         self.socket_path = socket_path
         self.runner: web.AppRunner | None = None
+        self.manager: DriverManager | None = None
         self.deadline = 600.0
         self.client = DockerLikeClient(socket_path)
 
     async def start(self) -> None:
-        manager = DriverManager(self.state_dir, self.backend)
+        manager = self.manager = DriverManager(self.state_dir, self.backend)
         await asyncio.get_running_loop().run_in_executor(None, manager.load_persisted)
         self.runner = web.AppRunner(build_app(manager, deadline=self.deadline), access_log=None)
         await self.runner.setup()
@@ -86,6 +87,9 @@ class PluginUnderTest:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.manager is not None:
+            self.manager.close()  # as the end of the plugin process would
+            self.manager = None
 
     async def restart(self) -> None:
         await self.client.close()

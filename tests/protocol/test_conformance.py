@@ -75,6 +75,42 @@ async def test_create_empty(plugin: PluginUnderTest) -> None:
     assert not await c.exists("empty")
 
 
+def _held_under(home: str) -> tuple[list[str], list[str]]:
+    """This process's open files and the mount points below ``home``."""
+    prefix = os.path.realpath(home) + "/"
+    files = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            files.append(target)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    return files, mounts
+
+
+async def test_cleanup_lets_go_of_home(plugin: PluginUnderTest) -> None:
+    """dockerd sends Cleanup as it stops; then the Home may be unmounted: no layer
+    mount and no open file of the plugin may be left below it."""
+    c = plugin.client
+    await c.create("base")
+    await c.create("rw", parent="base", rw=True)
+    await c.get("rw")
+    await c.get("rw")
+    await c.get("base")
+    await c.put("base")
+    files, _ = _held_under(plugin.home)
+    assert files, "the refcount journal is expected to be open between counts"
+    await c.call("GraphDriver.Cleanup", {})
+    assert _held_under(plugin.home) == ([], [])
+    # The driver still answers after Cleanup (dockerd may send Cleanup, then stop later).
+    assert await c.exists("rw")
+    await c.get("rw")
+    await c.put("rw")
+
+
 async def make_base(c: PluginUnderTest, layer: str) -> None:
     await c.client.create(layer, rw=True)
     root = await c.client.get(layer)

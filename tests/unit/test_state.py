@@ -113,6 +113,31 @@ def test_refcount_journal_is_compacted(tmp_path: str, monkeypatch: pytest.Monkey
     assert read_counts(path) == {"a": 25} == RefCounter(path).active()
 
 
+def _open_paths() -> set[str]:
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return paths
+
+
+def test_refcount_journal_is_let_go_by_close_and_reopened_by_the_next_count(tmp_path: str) -> None:
+    path = os.path.join(str(tmp_path), "refs.json")
+    refs = RefCounter(path)
+    refs.get("a", lambda: None)
+    assert journal_path(path) in _open_paths()  # kept open between counts
+    refs.close()
+    assert journal_path(path) not in _open_paths()  # a Home that is a mount can go
+    refs.get("a", lambda: None)
+    refs.put("b", lambda: None)
+    assert read_counts(path) == {"a": 2}
+    refs.close()
+    refs.close()  # twice is harmless
+    assert journal_path(path) not in _open_paths()
+
+
 def test_refcount_counts_on_the_loop_only_without_mounting_or_waiting(tmp_path: str) -> None:
     path = os.path.join(str(tmp_path), "refs.json")
     refs = RefCounter(path)
