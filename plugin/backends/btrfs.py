@@ -306,7 +306,7 @@ class BtrfsDriver(RefCountedStore, ProtoDriver):
         return {"Dir": self.layer_root(layer_id)}
 
     def cleanup(self) -> None:
-        pass
+        self.close()
 
 
 def _destroy_subvolumes_under(directory: str) -> None:

@@ -347,6 +347,7 @@ class OverlayDriver(RefCountedStore, Driver):
             self._detach(path)
         for layer_id in self.refs.active():
             self.refs.forget(layer_id)
+        self.close()
 
     def _repair_links(self) -> None:
         """After a crash: drop l/ links to nothing, restore missing ones."""

@@ -83,7 +83,7 @@ class VfsDriver(RefCountedStore, ProtoDriver):
         return {"Dir": self.layer_root(layer_id)}
 
     def cleanup(self) -> None:
-        pass
+        self.close()
 
 
 def init(home: str, options: list[str], idmap: IDMappings) -> Driver:

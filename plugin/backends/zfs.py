@@ -305,6 +305,7 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
                 except StrataError as e:
                     log.warning("cleanup: layer %s: %s", layer_id, e)
             self.refs.forget(layer_id)
+        self.close()
 
 
 def _quota_option(layer_id: str, opts: CreateOpts) -> str:
