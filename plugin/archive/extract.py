@@ -562,10 +562,7 @@ def _entry_xattrs(info: Entry) -> list[tuple[str, bytes]]:
 
 
 def _read_error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if text == "empty file":
-        return "empty stream (no tar header)"
-    return text
+    return str(exc) or type(exc).__name__
 
 
 def _os_error(name: str, exc: OSError) -> StrataError:

@@ -251,19 +251,19 @@ class TarReader:
     def next(self) -> Entry | None:
         """The next entry, or None at the end of the archive."""
         self.finish_entry()
-        block = self._header_block(first=self.entries_read == 0)
+        block = self._header_block()
         if block is None:
             return None
         entry = self._member(block)
         self.entries_read += 1
         return entry
 
-    def _header_block(self, first: bool) -> bytes | None:
+    def _header_block(self) -> bytes | None:
         if not self._fill(BLOCK):
             if self._end == self._pos:
-                if first:
-                    raise TarFormatError("empty stream (no tar header)")
-                return None  # a clean end at a block boundary
+                # A clean end at a block boundary.  An empty stream is an empty
+                # layer, as for Go's tar reader (Next says io.EOF) in dockerd.
+                return None
             raise TarFormatError("truncated header")
         block = bytes(self._view[self._pos:self._pos + BLOCK])
         self._pos += BLOCK
@@ -274,7 +274,7 @@ class TarReader:
         return block
 
     def _subsequent_block(self) -> bytes:
-        block = self._header_block(first=False)
+        block = self._header_block()
         if block is None:
             raise TarFormatError("missing header after an extended header")
         return block

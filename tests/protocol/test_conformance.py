@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import stat
 import tarfile
@@ -109,6 +110,22 @@ async def test_cleanup_lets_go_of_home(plugin: PluginUnderTest) -> None:
     assert await c.exists("rw")
     await c.get("rw")
     await c.put("rw")
+
+
+@pytest.mark.parametrize("body", [b"", b"\0" * 1024], ids=["no body", "end blocks only"])
+async def test_apply_diff_of_an_empty_body_or_bare_end_blocks_is_an_empty_layer(
+        plugin: PluginUnderTest, body: bytes) -> None:
+    """Docker's Unpack of an empty reader (or of the two end blocks alone) applies
+    nothing and succeeds.  A request with no body at all once looped for ever on
+    the event loop (aiohttp's empty reader says "end of chunk" for ever)."""
+    c = plugin.client
+    await c.create("empty-apply")
+    status, data = await asyncio.wait_for(c.raw(
+        "GraphDriver.ApplyDiff?id=empty-apply&parent=", body), timeout=60)
+    assert (status, json.loads(data)) == (200, {"Size": 0}), data
+    root = await c.get("empty-apply")
+    assert os.listdir(root) == []
+    await c.put("empty-apply")
 
 
 async def make_base(c: PluginUnderTest, layer: str) -> None:

@@ -145,10 +145,18 @@ def test_garbage_after_a_valid_entry_is_invalid(tmp_path: Path) -> None:
         apply_layer(str(tmp_path), io.BytesIO(bad), ApplyOptions())
 
 
-@pytest.mark.parametrize("data", [b"", os.urandom(4096), b"not a tar at all" * 40])
+@pytest.mark.parametrize("data", [os.urandom(4096), b"not a tar at all" * 40])
 def test_garbage_stream_is_invalid(tmp_path: Path, data: bytes) -> None:
     with pytest.raises(InvalidArgument):
         apply_layer(str(tmp_path), io.BytesIO(data), ApplyOptions())
+
+
+def test_empty_stream_is_an_empty_layer(tmp_path: Path) -> None:
+    """Go's tar reader says io.EOF for an empty stream, so dockerd's own
+    UnpackLayer applies nothing and succeeds: strata does the same."""
+    (tmp_path / "kept").write_bytes(b"there before")
+    assert apply_layer(str(tmp_path), io.BytesIO(b""), ApplyOptions()) == 0
+    assert os.listdir(tmp_path) == ["kept"]
 
 
 class _CountingStream(io.RawIOBase):
