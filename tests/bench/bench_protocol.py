@@ -81,7 +81,7 @@ class Sizes:
 
 
 FULL = Sizes(rpc_calls=2000, big_mib=1024, small_files=20_000, changes_files=12_000,
-             graph_iters=20, reps=2)
+             graph_iters=20, reps=3)
 QUICK = Sizes(rpc_calls=300, big_mib=256, small_files=5_000, changes_files=3_000,
               graph_iters=5, reps=1)
 
@@ -260,45 +260,58 @@ class Bench:
         print_table("ApplyDiff (chunked body) vs GNU tar -x of the same stream", head, apply_rows)
         print_table("Diff (no parent, streamed reply) vs GNU tar -c into a pipe", head, diff_rows)
 
-    def best_sampled(self, fn: Callable[[], object]) -> tuple[float, RssPeak]:
-        runs = []
+    def interleaved(self, base: Callable[[], float],
+                    ours: Callable[[], object]) -> tuple[float, float, RssPeak]:
+        """Best of ``reps`` runs each of the baseline and strata, taken in turns.
+
+        This VM's write speed drifts by 2-3x over tens of seconds (page-cache
+        pages the host has reclaimed are faulted back in): runs in turns share
+        the drift, a block of baseline runs then a block of ours need not.
+        Every run starts after a sync, so earlier writeback is not billed to it."""
+        base_runs: list[float] = []
+        our_runs: list[tuple[float, RssPeak]] = []
         for _ in range(self.sizes.reps):
-            os.sync()  # the previous run's dirty pages must not be written back on our clock
-            runs.append(self.sampled(fn))
-        return min(runs, key=lambda run: run[0])
+            base_runs.append(synced(base))
+            os.sync()
+            our_runs.append(self.sampled(ours))
+        best = min(our_runs, key=lambda run: run[0])
+        return min(base_runs), best[0], best[1]
 
     def one_dataset(self, name: str, tar_path: Path, size: int) -> tuple[list[str], list[str]]:
         entries = count_entries(file_chunks(tar_path))
         mb = size / 1e6
         log(f"{name}: {mb:.0f} MB, {entries} entries")
-        # GNU tar -x, then strata ApplyDiff, of the same bytes from the same file.
-        base_t = best_of(self.sizes.reps, lambda: synced(lambda: gnu_tar_extract(
-            file_chunks(tar_path), self.ws.fs / f"gnu-{new_layer_id()[:8]}")[0]))
+        # GNU tar -x and strata ApplyDiff of the same bytes from the same file.
         layers: list[str] = []
+        gnu_dirs: list[Path] = []
+
+        def gnu_once() -> float:
+            gnu_dirs.append(self.ws.fs / f"gnu-{new_layer_id()[:8]}")
+            return gnu_tar_extract(file_chunks(tar_path), gnu_dirs[-1])[0]
 
         def apply_once() -> None:
             layers.append(self.new_layer())
             self.client.apply_diff(layers[-1], "", file_chunks(tar_path))
-        best, peak = self.best_sampled(apply_once)
+        base_t, best, peak = self.interleaved(gnu_once, apply_once)
         apply_row = [name, f"{mb / best:.0f}", f"{entries / best:.0f}", f"{mb / base_t:.0f}",
                      f"{entries / base_t:.0f}", ratio(base_t, best), rss(peak)]
         # Diff of the layer just applied against tar -c of the same directory.
         src = str(self.layer_dir(layers[-1]))
-        base_d = best_of(self.sizes.reps, lambda: synced(lambda: gnu_tar_create(src)[0]))
         out: list[int] = [0]
 
         def diff_once() -> None:
             out[0] = self.client.diff(layers[-1])
-        best_d, peak_d = self.best_sampled(diff_once)
+        base_d, best_d, peak_d = self.interleaved(lambda: gnu_tar_create(src)[0], diff_once)
         dmb = out[0] / 1e6
         diff_row = [name, f"{dmb / best_d:.0f}", f"{entries / best_d:.0f}",
                     f"{dmb / base_d:.0f}", f"{entries / base_d:.0f}", ratio(base_d, best_d),
                     rss(peak_d)]
         for layer in layers:
             self.client.remove(layer)
+        for path in gnu_dirs:
+            subprocess.run(["rm", "-rf", str(path)], check=True)
         return apply_row, diff_row
 
-    # -- Changes / DiffSize -------------------------------------------------------
     def changes(self) -> None:
         files = self.sizes.changes_files
         base = self.new_layer()

@@ -89,7 +89,7 @@ class Workspace:
     def _mount_loop(self) -> None:
         with open(self._image, "wb") as f:
             f.truncate(self.size_gib * GiB)
-        self._loop = _run(["losetup", "--find", "--show", str(self._image)]).strip()
+        self._loop = _run(["losetup", "--find", "--show", "--direct-io=on", str(self._image)]).strip()
         _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", self._loop])
         _run(["mount", "-t", "ext4", self._loop, str(self.fs)])
         self._mounted = True
