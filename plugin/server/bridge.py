@@ -33,24 +33,35 @@ class BodyReader(io.RawIOBase):
         self._content = content
         self._loop = loop
         self._seen = 0
+        self._rest = b""  # what ``read`` took beyond its size, served first next time
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        return b"".join(self.read_parts(size if size and size > 0 else 1 << 20))
+        """Up to ``size`` bytes (1 MiB when unbounded); fewer only at the end."""
+        want = size if size and size > 0 else 1 << 20
+        data = b"".join(self.read_parts(want))
+        if len(data) > want:  # read_parts may overshoot by part of a piece
+            data, self._rest = data[:want], data[want:]
+        return data
 
     def read_parts(self, want: int) -> list[bytes]:
         """The next ``want`` bytes or more of the body, as the pieces aiohttp parsed
         them into (dockerd's 32 KiB HTTP chunks); ``[]`` at its end.  Not joined:
         a 1 MiB join is a copy and, above the mmap threshold, a fresh mapping
         whose pages fault in one by one.  ``os.writev`` takes the list as it is."""
-        future = asyncio.run_coroutine_threadsafe(self._gather(want), self._loop)
-        parts = future.result()
-        before = self._seen
-        self._seen += sum(map(len, parts))
-        if before < _MIDSTREAM <= self._seen:
-            fault_point("apply.midstream")
+        parts = [self._rest] if self._rest else []
+        self._rest = b""
+        have = sum(map(len, parts))
+        if have < want:
+            future = asyncio.run_coroutine_threadsafe(self._gather(want - have), self._loop)
+            more = future.result()
+            before = self._seen
+            self._seen += sum(map(len, more))
+            if before < _MIDSTREAM <= self._seen:
+                fault_point("apply.midstream")
+            parts += more
         return parts
 
     async def _gather(self, want: int) -> list[bytes]:

@@ -1,0 +1,89 @@
+"""BodyReader: the blocking view of an aiohttp request body that ApplyDiff reads.
+
+The body is fed to a real aiohttp StreamReader the way its HTTP parser feeds it
+(pieces, with HTTP chunk boundaries marked); a worker thread reads it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from aiohttp import streams
+from aiohttp.base_protocol import BaseProtocol
+
+from plugin.server.bridge import BodyReader
+
+
+def _pieces(total: int, size: int) -> list[bytes]:
+    data = os.urandom(total)
+    return [data[i:i + size] for i in range(0, total, size)]
+
+
+async def _feed(reader: streams.StreamReader, pieces: list[bytes]) -> None:
+    """As aiohttp's parser does for a chunked body: one HTTP chunk per piece."""
+    for piece in pieces:
+        reader.begin_http_chunk_receiving()
+        reader.feed_data(piece)
+        reader.end_http_chunk_receiving()
+        await asyncio.sleep(0)
+    reader.feed_eof()
+
+
+def _new_reader(loop: asyncio.AbstractEventLoop) -> streams.StreamReader:
+    protocol = BaseProtocol(loop)
+    protocol.connection_made(asyncio.ReadTransport())  # a connection that is open
+    # A limit above the body: flow control never pauses the (absent) socket.
+    return streams.StreamReader(protocol, 64 << 20, loop=loop)
+
+
+@pytest.mark.parametrize("piece", [1, 777, 32 << 10, 200 << 10])
+async def test_read_returns_at_most_what_is_asked_and_every_byte_once(piece: int) -> None:
+    loop = asyncio.get_running_loop()
+    content = _new_reader(loop)
+    pieces = _pieces(300 << 10 if piece > 1 else 5000, piece)
+    body = BodyReader(content, loop)
+    feeding = asyncio.ensure_future(_feed(content, pieces))
+
+    def read_all() -> list[bytes]:
+        out = []
+        while data := body.read(50_000):
+            assert len(data) <= 50_000
+            out.append(data)
+        return out
+
+    got = await asyncio.to_thread(read_all)
+    await feeding
+    assert b"".join(got) == b"".join(pieces)
+    assert all(len(d) == 50_000 for d in got[:-1]), "short reads only at the end"
+
+
+async def test_read_parts_hands_over_the_pieces_unjoined() -> None:
+    loop = asyncio.get_running_loop()
+    content = _new_reader(loop)
+    pieces = _pieces(3 << 20, 32 << 10)
+    body = BodyReader(content, loop)
+    feeding = asyncio.ensure_future(_feed(content, pieces))
+
+    def read_all() -> list[list[bytes]]:
+        batches = []
+        while parts := body.read_parts(1 << 20):
+            batches.append(parts)
+        return batches
+
+    batches = await asyncio.to_thread(read_all)
+    await feeding
+    flat = [p for batch in batches for p in batch]
+    assert b"".join(flat) == b"".join(pieces)
+    assert all(sum(map(len, b)) >= 1 << 20 for b in batches[:-1])
+    assert max(map(len, flat)) <= 32 << 10  # nothing was joined
+
+
+async def test_a_request_without_a_body_ends_at_once() -> None:
+    """aiohttp gives a bodiless request its empty reader, whose readchunk says
+    "end of HTTP chunk" for ever: reading must end, not spin on the loop."""
+    loop = asyncio.get_running_loop()
+    body = BodyReader(streams.EMPTY_PAYLOAD, loop)
+    assert await asyncio.wait_for(asyncio.to_thread(body.read_parts, 1 << 20), 10) == []
+    assert await asyncio.wait_for(asyncio.to_thread(body.read, 4096), 10) == b""
