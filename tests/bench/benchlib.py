@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -412,41 +411,61 @@ class RssPeak:
                 f"tree {self.total_mib:.0f} MiB")
 
 
+#: The sampling loop, run in a process of its own: in the benchmark's process it
+#: took the GIL (a /proc walk is ~1.5 ms) from the client thread feeding the
+#: plugin, so sampled runs of strata were slower than the unsampled baselines.
+_SAMPLER = r"""
+import json, os, select, sys
+sys.path.insert(0, os.environ["BENCHLIB_DIR"])
+from benchlib import descendants, status_kib
+pid, interval = int(sys.argv[1]), float(sys.argv[2])
+child = total = 0.0
+def sample():
+    global child, total
+    size = status_kib(pid, "VmRSS")
+    for kid in descendants(pid):
+        size += status_kib(kid, "VmRSS")
+        child = max(child, status_kib(kid, "VmHWM") / 1024)
+    total = max(total, size / 1024)
+print("ready", flush=True)
+while True:
+    done = select.select([sys.stdin], [], [], interval)[0]
+    sample()
+    if done:
+        break
+print(json.dumps({"child": child, "total": total}), flush=True)
+"""
+
+
 @dataclass
 class RssSampler:
-    """Sample ``pid`` and its descendants every ``interval`` seconds while active."""
+    """Sample ``pid`` and its descendants every ``interval`` seconds while active,
+    from a separate process (see ``_SAMPLER``)."""
 
     pid: int
     interval: float = 0.02
     peak: RssPeak = field(default_factory=RssPeak)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Self:
         # Writing 5 to clear_refs resets VmHWM, so the window's own peak is measured.
         with contextlib.suppress(OSError), open(f"/proc/{self.pid}/clear_refs", "w") as f:
             f.write("5")
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        env = dict(os.environ, BENCHLIB_DIR=str(Path(__file__).resolve().parent))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, str(self.pid), str(self.interval)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready": sampling has started
         return self
 
-    def _sample(self) -> None:
-        kids = descendants(self.pid)
-        total = status_kib(self.pid, "VmRSS")
-        for kid in kids:
-            total += status_kib(kid, "VmRSS")
-            self.peak.child_mib = max(self.peak.child_mib, status_kib(kid, "VmHWM") / 1024)
-        self.peak.total_mib = max(self.peak.total_mib, total / 1024)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
+        if self._proc is not None:
+            out, _ = self._proc.communicate("", timeout=60)  # stdin closed: last sample
+            found = json.loads(out.strip().splitlines()[-1])
+            self.peak.child_mib = found["child"]
+            self.peak.total_mib = found["total"]
+            self._proc = None
         self.peak.main_hwm_mib = status_kib(self.pid, "VmHWM") / 1024
 
 
