@@ -82,15 +82,20 @@ def ustar_block(h: Header, name: str, linkname: str, uname: str, gname: str,
     if linkname or typeflag == tarfile.CHRTYPE or typeflag == tarfile.BLKTYPE:
         tail, tail_sum = _tail(typeflag, linkname, uname, gname, h.devmajor, h.devminor)
     else:
-        key = (typeflag, uname, gname)
-        hit = _tails.get(key)
-        if hit is None:
-            if len(_tails) >= _TAIL_CACHE_MAX:
-                _tails.clear()
-            hit = _tails[key] = _tail(typeflag, "", uname, gname, 0, 0)
-        tail, tail_sum = hit
+        tail, tail_sum = _plain_tail(typeflag, uname, gname)
     checksum = sum(name_b) + sum(numbers) + _BLANK_SUM + tail_sum
     return _HEAD.pack(name_b, numbers, b"%06o\0 " % checksum) + tail
+
+
+def _plain_tail(typeflag: bytes, uname: str, gname: str) -> tuple[bytes, int]:
+    """The cached tail of a block with no link name or device numbers."""
+    key = (typeflag, uname, gname)
+    hit = _tails.get(key)
+    if hit is None:
+        if len(_tails) >= _TAIL_CACHE_MAX:
+            _tails.clear()
+        hit = _tails[key] = _tail(typeflag, "", uname, gname, 0, 0)
+    return hit
 
 
 def plain_block(name: str, typeflag: bytes, mode: int, uid: int, gid: int, size: int,
@@ -101,13 +106,7 @@ def plain_block(name: str, typeflag: bytes, mode: int, uid: int, gid: int, size:
             and 0 <= size < _MAX_NUM and 0 <= mtime < _MAX_NUM and len(uname) <= 32
             and uname.isascii() and len(gname) <= 32 and gname.isascii()):
         return None
-    key = (typeflag, uname, gname)
-    hit = _tails.get(key)
-    if hit is None:
-        if len(_tails) >= _TAIL_CACHE_MAX:
-            _tails.clear()
-        hit = _tails[key] = _tail(typeflag, "", uname, gname, 0, 0)
-    tail, tail_sum = hit
+    tail, tail_sum = _plain_tail(typeflag, uname, gname)
     name_b = name.encode("ascii")
     numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (mode if mode > 0o7777 else mode & 0o7777,
                                                         uid, gid, size, mtime)
