@@ -112,9 +112,10 @@ class ProtoDriver(ABC):
     def cleanup(self) -> None: ...
 
     def close(self) -> None:
-        """Let go of files held open under Home (after Cleanup, or when a re-Init
-        replaces this driver): an open file keeps a Home that is a mount busy.
-        Later calls still work; they reopen what they need."""
+        """Let go of files held open under Home (a backend's ``cleanup`` ends with
+        it; a re-Init replacing this driver and the server's shutdown call it):
+        an open file keeps a Home that is a mount busy.  Later calls still work;
+        they reopen what they need."""
 
     def capabilities(self) -> Capabilities:
         return Capabilities()

@@ -173,9 +173,7 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def cleanup(request: web.Request) -> web.Response:
-    driver = driver_of(request)
-    await run(request, driver.cleanup)
-    driver.close()
+    await run(request, driver_of(request).cleanup)
     return encode(p.ErrResponse())
 
 
