@@ -120,7 +120,9 @@ def both_ways(tmp: Path, data: bytes, fmt: str, with_lower: bool,
         shutil.rmtree(root, ignore_errors=True)
         lower_root(root, with_lower)
         monkeypatch.setenv("STRATA_APPLY_HELPER_AFTER", mode)
-        results.append((extract(root, data, fmt), snapshot(root)))
+        err = extract(root, data, fmt)
+        # A message may name the root, whose name differs between the two runs.
+        results.append((err and err.replace(str(root), "ROOT"), snapshot(root)))
     (alone_err, alone), (helped_err, helped) = results
     assert helped_err == alone_err
     if alone_err is None:
