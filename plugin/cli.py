@@ -79,6 +79,7 @@ def configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from plugin.memtune import tune_allocator
     from plugin.server.serve import ServeConfig, serve
 
     configure_logging(args.log_level)
@@ -95,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=tuple(args.storage_opt),
         deadline=args.deadline,
     )
+    tune_allocator()
     try:
         import uvloop  # type: ignore[import-not-found, unused-ignore]
         uvloop.install()

@@ -35,6 +35,8 @@ import threading
 import traceback
 from typing import IO
 
+from plugin.memtune import tune_allocator
+
 log = logging.getLogger("strata.archive")
 
 _MAX_ARGS = 1 << 16
@@ -248,6 +250,7 @@ def main(control_fd: int) -> int:
     from plugin.archive import worker  # noqa: F401
 
     gc.freeze()
+    tune_allocator()  # inherited by every fork
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the plugin's Ctrl-C is not ours
     return serve(socket.socket(fileno=control_fd))
