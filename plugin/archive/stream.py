@@ -36,7 +36,6 @@ HELPER_AFTER = 64
 FATAL_PREFIX = "FATAL "
 _WHITEOUT_FORMATS = ("aufs", "overlay")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 # The directory that holds the ``plugin`` package, so the child imports this very copy.
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ERROR_KINDS: dict[str, type[StrataError]] = {
@@ -246,42 +245,25 @@ def _widen_pipe(pipe: IO[bytes] | None) -> None:
 def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
     """Copy ``stream`` into the child's stdin; after the child stops reading, keep
     draining ``stream`` so the sender always sees its body consumed.  A stream
-    with ``read_parts`` (the server's BodyReader) hands over its pieces unjoined:
-    they go into the pipe with one ``writev`` per ~1 MiB."""
+    with ``pump`` (the server's request body) writes itself into the pipe from
+    the event loop."""
     stdin = proc.stdin
     assert stdin is not None
-    read_parts = getattr(stream, "read_parts", None)
-    child_reading = True
-    if read_parts is None:
+    pump = getattr(stream, "pump", None)
+    if pump is not None:
+        pump(stdin.fileno())
+    else:
+        child_reading = True
         while chunk := stream.read(_CHUNK):
             if child_reading:
                 try:
                     stdin.write(chunk)
                 except BrokenPipeError:
                     child_reading = False
-    else:
-        fd = stdin.fileno()
-        while parts := read_parts(_CHUNK):
-            if child_reading:
-                try:
-                    _writev_all(fd, parts)
-                except BrokenPipeError:
-                    child_reading = False
     try:
         stdin.close()
     except BrokenPipeError:
         pass
-
-
-def _writev_all(fd: int, parts: list[bytes]) -> None:
-    views = [memoryview(p) for p in parts]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
 
 
 def _drain(stream: BinaryIO) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 from aiohttp import streams
@@ -59,25 +60,51 @@ async def test_read_returns_at_most_what_is_asked_and_every_byte_once(piece: int
     assert all(len(d) == 50_000 for d in got[:-1]), "short reads only at the end"
 
 
-async def test_read_parts_hands_over_the_pieces_unjoined() -> None:
+def _drain_pipe(fd: int, delay: float = 0.0, stop_after: int | None = None) -> bytes:
+    """Read the pipe to its end (or close it after ``stop_after`` bytes), slowly if asked."""
+    got = bytearray()
+    while data := os.read(fd, 64 << 10):
+        got += data
+        if stop_after is not None and len(got) >= stop_after:
+            break
+        time.sleep(delay)
+    os.close(fd)
+    return bytes(got)
+
+
+@pytest.mark.parametrize("piece", [1000, 32 << 10, 300 << 10])
+async def test_pump_writes_every_byte_in_order_through_a_full_pipe(piece: int) -> None:
+    """A slow reader keeps the pipe full: the loop must wait for room, never drop
+    or repeat a byte, and the body read before (``read``) is not sent again."""
     loop = asyncio.get_running_loop()
     content = _new_reader(loop)
-    pieces = _pieces(3 << 20, 32 << 10)
+    pieces = _pieces(3 << 20, piece)
     body = BodyReader(content, loop)
     feeding = asyncio.ensure_future(_feed(content, pieces))
-
-    def read_all() -> list[list[bytes]]:
-        batches = []
-        while parts := body.read_parts(1 << 20):
-            batches.append(parts)
-        return batches
-
-    batches = await asyncio.to_thread(read_all)
+    head = await asyncio.to_thread(body.read, 5000)
+    rfd, wfd = os.pipe()
+    reading = asyncio.ensure_future(asyncio.to_thread(_drain_pipe, rfd, 0.002))
+    await asyncio.to_thread(body.pump, wfd)
+    os.close(wfd)
+    got = await reading
     await feeding
-    flat = [p for batch in batches for p in batch]
-    assert b"".join(flat) == b"".join(pieces)
-    assert all(sum(map(len, b)) >= 1 << 20 for b in batches[:-1])
-    assert max(map(len, flat)) <= 32 << 10  # nothing was joined
+    assert head + got == b"".join(pieces)
+
+
+async def test_pump_reads_the_whole_body_after_the_reader_goes_away() -> None:
+    """The archive worker failing mid-stream closes the pipe: the sender must
+    still see its body consumed, and pump returns normally."""
+    loop = asyncio.get_running_loop()
+    content = _new_reader(loop)
+    body = BodyReader(content, loop)
+    feeding = asyncio.ensure_future(_feed(content, _pieces(4 << 20, 32 << 10)))
+    rfd, wfd = os.pipe()
+    reading = asyncio.ensure_future(asyncio.to_thread(_drain_pipe, rfd, 0.0, 100 << 10))
+    await asyncio.wait_for(asyncio.to_thread(body.pump, wfd), 30)
+    os.close(wfd)
+    assert len(await reading) >= 100 << 10
+    await feeding
+    assert content.at_eof()
 
 
 async def test_a_request_without_a_body_ends_at_once() -> None:
@@ -85,5 +112,8 @@ async def test_a_request_without_a_body_ends_at_once() -> None:
     "end of HTTP chunk" for ever: reading must end, not spin on the loop."""
     loop = asyncio.get_running_loop()
     body = BodyReader(streams.EMPTY_PAYLOAD, loop)
-    assert await asyncio.wait_for(asyncio.to_thread(body.read_parts, 1 << 20), 10) == []
     assert await asyncio.wait_for(asyncio.to_thread(body.read, 4096), 10) == b""
+    rfd, wfd = os.pipe()
+    await asyncio.wait_for(asyncio.to_thread(body.pump, wfd), 10)
+    os.close(wfd)
+    assert _drain_pipe(rfd) == b""
