@@ -21,7 +21,7 @@ from plugin.driver import registry
 from plugin.driver.manager import DriverManager
 from plugin.errors import IncompatibleFS, NotSupported, Prerequisites
 from plugin.idtools import IDMappings
-from plugin.server.app import build_app
+from plugin.server.app import PluginHandler, build_server
 from tests.backends import btrfs_fs, home_for, zfs_pool  # noqa: F401 (fixtures)
 from tests.protocol.client import DockerLikeClient
 
@@ -71,7 +71,8 @@ class PluginUnderTest:
         self.home = os.path.join(root, "home")
         self.state_dir = os.path.join(root, "state")
         self.socket_path = socket_path
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
+        self.handler: PluginHandler | None = None
         self.manager: DriverManager | None = None
         self.deadline = 600.0
         self.client = DockerLikeClient(socket_path)
@@ -79,7 +80,8 @@ class PluginUnderTest:
     async def start(self) -> None:
         manager = self.manager = DriverManager(self.state_dir, self.backend)
         await asyncio.get_running_loop().run_in_executor(None, manager.load_persisted)
-        self.runner = web.AppRunner(build_app(manager, deadline=self.deadline), access_log=None)
+        self.handler = PluginHandler(manager, deadline=self.deadline)
+        self.runner = web.ServerRunner(build_server(self.handler))
         await self.runner.setup()
         await web.UnixSite(self.runner, self.socket_path).start()
 
@@ -87,6 +89,9 @@ class PluginUnderTest:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.handler is not None:
+            self.handler.close()
+            self.handler = None
         if self.manager is not None:
             self.manager.close()  # as the end of the plugin process would
             self.manager = None
