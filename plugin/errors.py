@@ -1,7 +1,7 @@
 """The one exception hierarchy of strata.
 
 Every layer (archive, state, backends, driver) raises these; the server maps
-them once, in a middleware, to ``{"Err": "..."}`` and an HTTP status.  The
+them once (``server.app.handle``) to ``{"Err": "..."}`` and an HTTP status.  The
 message is what the operator and dockerd see, so it names the layer ID and the
 path or cause involved.  Model: moby ``daemon/graphdriver/errors.go``.
 """

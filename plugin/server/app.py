@@ -1,9 +1,9 @@
-"""The aiohttp application: one handler per graphdriver endpoint.
+"""The HTTP side: one handler per graphdriver endpoint.
 
 Handlers decode the msgspec request, run the driver call in the worker pool
 (never on the event loop: filesystem work blocks) and encode the reply.
 Errors are typed exceptions (:mod:`plugin.errors`) turned into
-``{"Err": ...}`` with a status code by one middleware; handlers do not catch
+``{"Err": ...}`` with a status code by one function, ``handle``; handlers do not catch
 and format.  Diff streams its tar as the response; ApplyDiff consumes the
 chunked request body as a stream.  Both may run at once on two connections
 (``docker commit`` pipes one into the other), so nothing here serialises
