@@ -1,22 +1,25 @@
-"""strata's overlay backend against dockerd's in-tree overlay2, end to end.
+"""strata against dockerd's in-tree driver, end to end: overlay vs overlay2, vfs vs vfs.
 
-    python tests/bench/bench_overlay_engine.py [--reps 5] [--load-mib 200]
+    python tests/bench/bench_overlay_engine.py [--backend overlay|vfs] [--reps 5]
+                                               [--load-mib 200]
 
-Starts, in one run, a dockerd on strata (overlay backend, a plugin process) and
-a dockerd on the in-tree overlay2 driver (tests/engine/harness.py: private
-data roots, everything torn down by pid), imports the same images into both,
-and times what users feel:
+Starts, in one run, a dockerd on strata (the overlay backend, or vfs, in a
+plugin process) and a dockerd on the matching in-tree driver (overlay2, or
+vfs) (tests/engine/harness.py: private data roots, everything torn down by
+pid), imports the same images into both, and times what users feel:
 
 * ``docker run --rm IMG /bin/true``   (create + init layer + mount + start + rm)
 * ``docker commit`` of a container with 100 small files and 8 MiB written
 * ``docker diff`` of a container over 12,000 image files with 50 changes
-* ``docker load`` of a ~200 MB image
+* ``docker load`` of a ~200 MB image, and ``docker save`` of it
 * a 20-step legacy build (``DOCKER_BUILDKIT=0 docker build --no-cache``): 18
   RUN steps writing a few files and 2 COPY steps, each a layer, FROM the
   imported base image (no registry)
 
-Each row prints the median seconds on both and the ratio strata/overlay2
-(< 1 means strata is faster).  Below the table, the driver calls of the median
+Each row prints the median seconds on both, the ratio strata/in-tree (< 1
+means strata is faster) and the plugin's peak RSS (its process and its archive
+workers, sampled every 0.1 s from another process) over one more, untimed
+pass of that row's commands.  Below the table, the driver calls of the median
 timed command are summed per operation beside its wall clock: on strata every call
 (the plugin logs one line per call with its duration), on overlay2 the
 ApplyDiffs (dockerd's debug log brackets them).  Timings on a shared VM are
@@ -38,6 +41,10 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import RssSampler
 
 from tests.engine import harness
 from tests.engine.rootfs import build_rootfs_tar
@@ -197,13 +204,15 @@ def build_context(directory: Path) -> Path:
 Measure = Callable[[Engine, CallTally | None], float]
 
 
-def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
+def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Path,
                context: Path) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
     rows = []
     tallies: list[tuple[str, CallTally]] = []
+    plan = {"reps": reps}  # what the measures below repeat; 1 in the RSS pass
 
     def row(name: str, measure: Measure) -> None:
         results = {}
+        peak = "-"
         for label, engine in engines.items():
             log(f"{name} on {label}")
             if isinstance(engine, harness.Stack) and engine.plugin is not None:
@@ -216,12 +225,22 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
             os.sync()
             results[label] = measure(engine, tally)
             tallies.append((f"{name} on {label}", tally))
-        ratio = results["strata"] / results["overlay2"] if results["overlay2"] else float("nan")
-        rows.append([name, f"{results['strata']:.3f}", f"{results['overlay2']:.3f}",
-                     f"{ratio:.2f}"])
+            plugin = engine.plugin if isinstance(engine, harness.Stack) else None
+            if plugin is not None and plugin.proc is not None:
+                # The peak RSS comes from one more, untimed pass: the sampler walks
+                # /proc every 0.1 s, CPU that the timed commands must not share.
+                plan["reps"] = 1
+                os.sync()
+                with RssSampler(plugin.proc.pid, interval=0.1) as sampler:
+                    measure(engine, None)
+                plan["reps"] = reps
+                peak = f"{max(sampler.peak.total_mib, sampler.peak.main_hwm_mib):.0f}"
+        ratio = results["strata"] / results[intree] if results[intree] else float("nan")
+        rows.append([name, f"{results['strata']:.3f}", f"{results[intree]:.3f}",
+                     f"{ratio:.2f}", peak])
 
     row("docker run --rm /bin/true", lambda e, tally: median_seconds(
-        reps, lambda: e.docker(*RUN, "bench/base:1", "/bin/true"), tally=tally))
+        plan["reps"], lambda: e.docker(*RUN, "bench/base:1", "/bin/true"), tally=tally))
 
     def commit(engine: Engine, tally: CallTally | None) -> float:
         counter = iter(range(1000))
@@ -234,7 +253,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
             state["n"] = n
 
         state: dict[str, int] = {}
-        result = median_seconds(reps, lambda: engine.docker(
+        result = median_seconds(plan["reps"], lambda: engine.docker(
             "commit", f"cm{state['n']}", f"bench/commit:{state['n']}"), prepare, tally)
         for n in range(state["n"] + 1):
             engine.docker("rm", "-f", f"cm{n}", check=False)
@@ -251,7 +270,7 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
             lines = engine.docker("diff", "difftarget").stdout.splitlines()
             assert len([ln for ln in lines if not ln.endswith("/data")
                         and ln.count("/") == 3]) == 50, lines
-            return median_seconds(reps, lambda: engine.docker("diff", "difftarget"),
+            return median_seconds(plan["reps"], lambda: engine.docker("diff", "difftarget"),
                                   tally=tally)
         finally:
             engine.docker("rm", "-f", "difftarget", check=False)
@@ -260,17 +279,29 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
 
     def load(engine: Engine, tally: CallTally | None) -> float:
         return median_seconds(
-            max(2, reps // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
+            max(2, plan["reps"] // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
             lambda: engine.docker("rmi", "bench/big:1", check=False), tally)
 
     size_mb = load_tar.stat().st_size / 1e6
     row(f"docker load ({size_mb:.0f} MB image)", load)
 
+    def save(engine: Engine, tally: CallTally | None) -> float:
+        out = load_tar.with_name("saved.tar")
+        try:
+            return median_seconds(
+                max(2, plan["reps"] // 2),
+                lambda: engine.docker("save", "-o", str(out), "bench/big:1", timeout=900),
+                lambda: out.unlink(missing_ok=True), tally)
+        finally:
+            out.unlink(missing_ok=True)
+
+    row(f"docker save ({size_mb:.0f} MB image)", save)
+
     def build(engine: Engine, tally: CallTally | None) -> float:
         def clear() -> None:
             engine.docker("rmi", "bench/build:1", check=False)
 
-        result = median_seconds(reps, lambda: engine.docker(
+        result = median_seconds(plan["reps"], lambda: engine.docker(
             "build", "--no-cache", "--network", "none", "-t", "bench/build:1", str(context),
             env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear, tally)
         layers = engine.docker("image", "inspect", "-f", "{{len .RootFS.Layers}}",
@@ -285,6 +316,8 @@ def bench_pair(engines: dict[str, Engine], reps: int, load_tar: Path,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["overlay", "vfs"], default="overlay",
+                        help="strata's backend; the in-tree driver is overlay2 or vfs")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--load-mib", type=int, default=200)
     args = parser.parse_args()
@@ -292,6 +325,7 @@ def main() -> int:
     if os.geteuid() != 0 or dockerd_bin is None:
         print("needs root and dockerd", file=sys.stderr)
         return 0
+    intree = "overlay2" if args.backend == "overlay" else "vfs"
     workdir = harness.new_workdir("sb")
     engines: dict[str, Engine] = {}
     key_json_existed = KEY_JSON.exists()
@@ -299,18 +333,18 @@ def main() -> int:
         rootfs = build_rootfs_tar(workdir)
         many = extended_rootfs(rootfs.tar, workdir / "many.tar", add_many_files)
         big = extended_rootfs(rootfs.tar, workdir / "big.tar", add_big_files(args.load_mib))
-        engines["strata"] = harness.start_stack(dockerd_bin, "overlay")
-        engines["overlay2"] = harness.start_intree(dockerd_bin, "overlay2")
+        engines["strata"] = harness.start_stack(dockerd_bin, args.backend)
+        engines[intree] = harness.start_intree(dockerd_bin, intree)
         for engine in engines.values():
             engine.docker("import", str(rootfs.tar), "bench/base:1")
             engine.docker("import", str(many), "bench/many:1", timeout=600)
-        overlay2 = engines["overlay2"]
-        overlay2.docker("import", str(big), "bench/big:1", timeout=600)
+        reference = engines[intree]
+        reference.docker("import", str(big), "bench/big:1", timeout=600)
         load_tar = workdir / "big-image.tar"
-        overlay2.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
+        reference.docker("save", "-o", str(load_tar), "bench/big:1", timeout=600)
         big.unlink()
         status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
-        rows, tallies = bench_pair(engines, args.reps, load_tar,
+        rows, tallies = bench_pair(engines, intree, args.reps, load_tar,
                                    build_context(workdir / "build-context"))
     finally:
         for engine in engines.values():
@@ -319,14 +353,14 @@ def main() -> int:
             harness.remove_workdir(workdir)
         if not key_json_existed:
             KEY_JSON.unlink(missing_ok=True)
-    print(f"strata overlay status: {status.strip()}")
-    print(f"median of {args.reps} runs (load: {max(2, args.reps // 2)}); "
-          "ratio = strata / overlay2, < 1 means strata is faster")
-    widths = [max(len(r[i]) for r in [["", "strata s", "overlay2 s", "ratio"], *rows])
-              for i in range(4)]
-    for r in [["", "strata s", "overlay2 s", "ratio"], *rows]:
+    print(f"strata {args.backend} status: {status.strip()}")
+    print(f"median of {args.reps} runs (load, save: {max(2, args.reps // 2)}); "
+          f"ratio = strata / {intree}, < 1 means strata is faster")
+    head = ["", "strata s", f"{intree} s", "ratio", "plugin peak RSS MiB"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
-    print("driver calls of the median timed command (op count x total ms; overlay2: ApplyDiff"
+    print(f"driver calls of the median timed command (op count x total ms; {intree}: ApplyDiff"
           " only):")
     for name, tally in tallies:
         print(f"  {name}: {tally.summary()}")
