@@ -98,6 +98,13 @@ class TarStream:
     def readable(self) -> bool:
         return True
 
+    def pipe_fd(self) -> int | None:
+        """The child's stdout, for a reader that waits on it itself (the server's event
+        loop); None once the end was read.  Read it to its end, then call ``read``
+        once more: it returns b"" or raises the child's failure."""
+        out = self._proc.stdout
+        return None if self._done or out is None else out.fileno()
+
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all with ``n < 0``); ``b""`` at the end. At the end a failed
         child raises StrataError with its message."""

@@ -35,6 +35,9 @@ class _ReleasingStream(TarStream):
     def read(self, n: int = -1) -> bytes:
         return self._inner.read(n)
 
+    def pipe_fd(self) -> int | None:
+        return self._inner.pipe_fd()
+
     def close(self) -> None:
         try:
             self._inner.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -273,20 +274,32 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
     tells dockerd the stream is bad (protocol §2.2)."""
     req = await decode(request, p.ParentRequest)
     stream = await run(request, driver_of(request).diff, req.ID, req.Parent)
+    # The export worker's pipe is read here, on the loop, as it fills (a thread
+    # hop per megabyte cost more than the read); the end, where the worker's
+    # exit status is taken, goes through the pool.
+    fd = stream.pipe_fd()
+    if fd is not None:
+        os.set_blocking(fd, False)
+
+    async def next_chunk() -> bytes:
+        if fd is not None and (data := await _read_pipe(fd)):
+            return data
+        end: bytes = await run(request, stream.read, CHUNK)
+        return end
+
     try:
-        chunk = await run(request, stream.read, CHUNK)
+        chunk = await next_chunk()
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-tar"})
         await response.prepare(request)
         try:
             while chunk:
                 # Read the next chunk while this one goes out, so the worker refills
-                # the pipe instead of waiting on the socket (/usr/lib/python3.11:
-                # 6 % faster, a 256 MiB file 10 %).
-                next_chunk = asyncio.ensure_future(run(request, stream.read, CHUNK))
+                # the pipe instead of waiting on the socket.
+                following = asyncio.ensure_future(next_chunk())
                 try:
                     await response.write(chunk)
                 finally:
-                    chunk = await next_chunk
+                    chunk = await following
             await response.write_eof()
         except (StrataError, OSError) as e:
             # Also how a consumer that stops reading looks (dockerd drops the
@@ -297,6 +310,26 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
         return response
     finally:
         await run(request, stream.close)
+
+
+async def _read_pipe(fd: int) -> bytes:
+    """Up to CHUNK bytes of the non-blocking pipe ``fd`` once there are some; b"" at its end."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return os.read(fd, CHUNK)
+        except BlockingIOError:
+            ready = loop.create_future()
+
+            def wake(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(fd, wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
 
 
 async def apply_diff(request: web.BaseRequest) -> web.Response:
