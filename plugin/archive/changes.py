@@ -103,7 +103,7 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
     same_device = old_dir is not None and os.lstat(new_dir).st_dev == os.lstat(old_dir).st_dev
     for name in sorted(new_names, key=os.fsencode):
         child_rel = f"{rel}/{name}"
-        new_path = os.path.join(new_dir, name)
+        new_path = f"{new_dir}/{name}"  # os.path.join costs ~1.5 us a call, twice an entry
         new_st = os.lstat(new_path)
         if old_dir is None or name not in old_names:
             out.append(Change(child_rel, ChangeKind.ADD))
@@ -112,7 +112,7 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
             continue
         if same_device and new_names[name] == old_names[name]:
             continue
-        old_path = os.path.join(old_dir, name)
+        old_path = f"{old_dir}/{name}"
         old_st = os.lstat(old_path)
         listed = _stat_different(old_st, new_st) or _capability(old_path) != _capability(new_path)
         if listed:
@@ -145,7 +145,12 @@ def _same_fs_time(a_ns: int, b_ns: int) -> bool:
 
 
 def _capability(path: str) -> bytes | None:
+    """The ``security.capability`` xattr, None without one.  Listing first: most files
+    have none, and a failed getxattr's exception costs twice the list (~5 us vs
+    ~3 us, twice per entry of a 12k-file comparison)."""
     try:
+        if _CAP_XATTR not in os.listxattr(path, follow_symlinks=False):
+            return None
         return os.getxattr(path, _CAP_XATTR, follow_symlinks=False)
     except OSError:
         return None
