@@ -34,7 +34,7 @@ from plugin.driver.manager import DriverManager
 from plugin.errors import DeadlineExceeded, InvalidArgument, StrataError
 from plugin.idtools import IDMap
 from plugin.server import protocol as p
-from plugin.server.bridge import BodyReader
+from plugin.server.bridge import BodyReader, fd_ready
 from plugin.state.layers import validate_id
 
 log = logging.getLogger("strata.server")
@@ -314,22 +314,11 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
 
 async def _read_pipe(fd: int) -> bytes:
     """Up to CHUNK bytes of the non-blocking pipe ``fd`` once there are some; b"" at its end."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             return os.read(fd, CHUNK)
         except BlockingIOError:
-            ready = loop.create_future()
-
-            def wake(ready: asyncio.Future[None] = ready) -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(fd, wake)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await fd_ready(fd, write=False)
 
 
 async def apply_diff(request: web.BaseRequest) -> web.Response:

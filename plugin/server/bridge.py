@@ -126,7 +126,7 @@ class BodyReader(io.RawIOBase):
             try:
                 written = os.writev(fd, views[:_IOV_MAX])
             except BlockingIOError:
-                await self._writable(fd)
+                await fd_ready(fd, write=True)
                 continue
             except BrokenPipeError:
                 return False
@@ -137,15 +137,18 @@ class BodyReader(io.RawIOBase):
                 views[0] = views[0][written:]
         return True
 
-    async def _writable(self, fd: int) -> None:
-        ready = self._loop.create_future()
 
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
+async def fd_ready(fd: int, *, write: bool) -> None:
+    """Wait on the running loop until the non-blocking ``fd`` can be written (or read)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
 
-        self._loop.add_writer(fd, wake)
-        try:
-            await ready
-        finally:
-            self._loop.remove_writer(fd)
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
