@@ -38,7 +38,6 @@ class BodyReader(io.RawIOBase):
         self._content = content
         self._loop = loop
         self._seen = 0
-        self._rest = b""  # what ``read`` took beyond its size, served first next time
 
     def readable(self) -> bool:
         return True
@@ -46,16 +45,7 @@ class BodyReader(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (1 MiB when unbounded); fewer only at the end."""
         want = size if size and size > 0 else 1 << 20
-        have = len(self._rest)
-        parts = [self._rest] if have else []
-        self._rest = b""
-        if have < want:
-            future = asyncio.run_coroutine_threadsafe(self._gather(want - have), self._loop)
-            parts += future.result()
-        data = b"".join(parts)
-        if len(data) > want:  # the last piece may overshoot
-            data, self._rest = data[:want], data[want:]
-        return data
+        return asyncio.run_coroutine_threadsafe(self._gather(want), self._loop).result()
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         data = self.read(len(buffer))
@@ -76,33 +66,20 @@ class BodyReader(io.RawIOBase):
         if before < _MIDSTREAM <= self._seen:
             fault_point("apply.midstream")
 
-    async def _next_piece(self) -> bytes | None:
-        """The next piece of the body as aiohttp parsed it; None at its end."""
-        while True:
-            data, chunk_end = await self._content.readchunk()
-            if data:
-                self._count(len(data))
-                return data
-            if not chunk_end or self._content.at_eof():
-                # (b"", False): the body has ended.  (b"", True) marks the end of
-                # an HTTP chunk, unless the body is over: a request with no body
-                # has aiohttp's empty reader, which says (b"", True) for ever.
-                return None
-
-    async def _gather(self, want: int) -> list[bytes]:
-        """At least ``want`` bytes of the body (fewer only at its end), unjoined."""
+    async def _gather(self, want: int) -> bytes:
+        """Up to ``want`` bytes of the body; fewer only at its end."""
         parts: list[bytes] = []
         got = 0
-        while got < want and (data := await self._next_piece()) is not None:
+        while got < want and (data := await self._content.read(want - got)):
+            self._count(len(data))
             parts.append(data)
             got += len(data)
-        return parts
+        return b"".join(parts)
 
     async def _pump(self, fd: int) -> None:
         os.set_blocking(fd, False)
-        batch: list[bytes] = [self._rest] if self._rest else []
-        self._rest = b""
-        queued = sum(map(len, batch))
+        batch: list[bytes] = []
+        queued = 0
         reader_there = True
         # readany: everything aiohttp holds (a few HTTP chunks, joined; its flow
         # control keeps that to ~128 KiB), b"" at the end.  One call per 32 KiB
