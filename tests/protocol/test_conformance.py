@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import stat
 import tarfile
@@ -366,6 +367,32 @@ async def test_bad_requests_get_clear_errors(plugin: PluginUnderTest) -> None:
     with pytest.raises(PluginError) as e:
         await c.create("twice")
     assert "twice" in e.value.err and await c.exists("twice")
+
+
+async def test_one_log_line_per_call_at_the_level_of_what_it_did(
+        plugin: PluginUnderTest, caplog: pytest.LogCaptureFixture) -> None:
+    """Filesystem work is logged at info, answers from memory at debug, failures as
+    warnings: one line per call, each with op, id, duration and outcome."""
+    layer = new_id()
+    await plugin.client.create(layer)
+    await plugin.client.get(layer)  # the first Get of a layer always goes to the pool
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="strata.server"):
+        await plugin.client.create(new_id())
+        assert await plugin.client.exists(layer)
+        await plugin.client.get(layer)
+        await plugin.client.put(layer)
+        with pytest.raises(PluginError):
+            await plugin.client.remove("../escape")
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "strata.server"]
+    ops = [(level, message.split()[0], message.endswith(" ok")) for level, message in lines]
+    assert ops == [(logging.INFO, "GraphDriver.Create", True),
+                   (logging.DEBUG, "GraphDriver.Exists", True),
+                   (logging.DEBUG, "GraphDriver.Get", True),
+                   (logging.DEBUG, "GraphDriver.Put", True),
+                   (logging.WARNING, "GraphDriver.Remove", False)], lines
+    assert all(f" {layer} " in message for _, message in lines[1:4]), lines
+    await plugin.client.put(layer)
 
 
 async def test_diff_of_missing_layer_is_not_200(plugin: PluginUnderTest) -> None:
