@@ -7,7 +7,9 @@ shape (see ``benchlib.Client``).  Each table pairs strata with a baseline
 measured in the same run on the same data:
 
 * RPC round trips (Exists/Get/Put, p50/p99, one keep-alive connection) against
-  a minimal aiohttp server on a Unix socket answering ``{}``: our per-call cost;
+  minimal aiohttp and Go net/http servers on a Unix socket answering ``{}``, each
+  through the Python client and through a Go client shaped like dockerd's
+  (``gorpc/main.go``, built with ``go`` when it is installed): our per-call cost;
 * Create of an empty layer (against that same ``{}`` round trip) and of a child
   of a 12k-file layer (against ``cp -a`` of the tree, which is what vfs runs);
 * ApplyDiff and Diff on one big file, on 20k small files and on a real tree
@@ -23,12 +25,15 @@ anything: the exit status is 0 unless the harness itself breaks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,39 +166,90 @@ class Bench:
 
     # -- RPC round trips -------------------------------------------------------
     def rpc(self) -> None:
+        """Exists/Get/Put against two bare ``{}`` servers, each through two clients.
+
+        The servers: aiohttp's (what strata is built on) and Go's net/http (what a Go
+        plugin is built on). The clients: ``benchlib.Client`` (Python, blocking socket) and
+        ``gorpc call``, which is built the way dockerd's pkg/plugins client is (net/http
+        Transport on the socket) and so measures what dockerd would see.
+        """
         n = self.sizes.rpc_calls
-        sock = str(self.ws.base / "baseline.sock")
-        proc = subprocess.Popen([sys.executable, "-c", BASELINE_SERVER, sock],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while not os.path.exists(sock) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            base = Client(sock)
-            base_samples = self._round_trips(lambda: base.call("GraphDriver.Exists", {"ID": "x"}),
-                                             n)
-            base.close()
-        finally:
-            proc.terminate()
-            proc.wait()
-        b50, b99 = percentiles(base_samples)
+        gorpc = self.build_gorpc()
+        exists_body = {"ID": "x"}
+        baselines = [("Go net/http {} server", [str(gorpc), "serve"] if gorpc else None),
+                     ("aiohttp {} server", [sys.executable, "-c", BASELINE_SERVER])]
+        measured: list[tuple[str, list[float], list[float] | None, RssPeak | None]] = []
+        for name, argv in baselines:
+            if argv is None:
+                continue
+            sock = str(self.ws.base / f"baseline-{len(measured)}.sock")
+            proc = subprocess.Popen([*argv, sock],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 20
+                while not os.path.exists(sock) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                base = Client(sock)
+                py = self._round_trips(partial(base.call, "GraphDriver.Exists", exists_body), n)
+                base.close()
+                go = self.go_round_trips(gorpc, sock, "GraphDriver.Exists", exists_body)
+            finally:
+                proc.terminate()
+                proc.wait()
+            measured.append((name, py, go, None))
         layer = self.new_layer()
-        rows = [["baseline {} server", f"{b50:.0f}", f"{b99:.0f}", "1.00x", "1.00x", "-"]]
-        calls: list[tuple[str, Callable[[], object]]] = [
-            ("Exists", lambda: self.client.call("GraphDriver.Exists", {"ID": layer})),
-            ("Get", lambda: self.client.call("GraphDriver.Get", {"ID": layer})),
-            ("Put", lambda: self.client.call("GraphDriver.Put", {"ID": layer})),
-        ]
-        for name, fn in calls:
-            samples: list[float] = []
+        for call in ("Exists", "Get", "Put"):
+            method, body = f"GraphDriver.{call}", {"ID": layer}
             with RssSampler(self.server.pid, interval=0.1) as sampler:
-                samples = self._round_trips(fn, n)
-            p50, p99 = percentiles(samples)
-            rows.append([name, f"{p50:.0f}", f"{p99:.0f}", ratio(p50, b50), ratio(p99, b99),
-                         rss(sampler.peak)])
-        print_table(f"RPC round trip, {n} calls each, one keep-alive connection",
-                    ["call", "p50 us", "p99 us", "p50 ratio", "p99 ratio", "peak RSS MiB"], rows)
-        self.rpc_p50_us = b50
+                py = self._round_trips(partial(self.client.call, method, body), n)
+                go = self.go_round_trips(gorpc, self.server.socket_path, method, body)
+            measured.append((f"strata {call}", py, go, sampler.peak))
+
+        def p50(samples: list[float] | None) -> float:
+            return percentiles(samples)[0] if samples else 0.0
+
+        by_name = {name: (py, go) for name, py, go, _ in measured}
+        go_base = p50(by_name.get("Go net/http {} server", ([], None))[1])
+        aio_py, aio_go = by_name["aiohttp {} server"]
+        aio_base = p50(aio_go)
+        rows = []
+        for name, py, go, peak in measured:
+            go50, go99 = percentiles(go) if go else (0.0, 0.0)
+            rows.append([name, f"{percentiles(py)[0]:.0f}",
+                         f"{go50:.0f}" if go else "-", f"{go99:.0f}" if go else "-",
+                         ratio(go50, go_base) if go else "-",
+                         ratio(go50, aio_base) if go else "-",
+                         rss(peak) if peak else "-"])
+        print_table(f"RPC round trip, {n} calls each, one keep-alive connection per client",
+                    ["server / call", "p50 us (py client)", "p50 us (Go client)",
+                     "p99 us (Go client)", "p50 vs Go server", "p50 vs aiohttp",
+                     "peak RSS MiB"], rows)
+        if not gorpc:
+            print("(Go columns empty: no `go` on PATH to build tests/bench/gorpc; "
+                  "apt-get install golang-go)")
+        self.rpc_p50_us = p50(aio_py)
+
+    def build_gorpc(self) -> Path | None:
+        """Build tests/bench/gorpc (standard library only, works offline) or say why not."""
+        if shutil.which("go") is None:
+            log("no `go` on PATH: the Go server and client columns are skipped")
+            return None
+        out = self.ws.base / "gorpc"
+        src = Path(__file__).resolve().parent / "gorpc" / "main.go"
+        res = subprocess.run(["go", "build", "-o", str(out), str(src)],
+                             capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            log(f"go build of {src} failed, Go columns skipped: {res.stderr.strip()}")
+            return None
+        return out
+
+    def go_round_trips(self, gorpc: Path | None, sock: str, method: str,
+                       body: dict[str, str]) -> list[float] | None:
+        if gorpc is None:
+            return None
+        res = subprocess.run([str(gorpc), "call", sock, str(self.sizes.rpc_calls), method,
+                              json.dumps(body)], capture_output=True, text=True, check=True)
+        return [int(ns) / 1000 for ns in res.stdout.split()]
 
     @staticmethod
     def _round_trips(fn: Callable[[], object], n: int) -> list[float]:

@@ -131,8 +131,9 @@ def _run(argv: list[str]) -> str:
 class PluginServer:
     """``python -m plugin serve --backend vfs`` on a socket inside ``ws``; Init'ed on start."""
 
-    def __init__(self, ws: Workspace, backend: str = "vfs") -> None:
+    def __init__(self, ws: Workspace, backend: str = "vfs", log_level: str = "info") -> None:
         tag = secrets.token_hex(4)
+        self.log_level = log_level
         self.name = f"sbench-{tag}"
         self.socket_path = str(ws.base / f"p-{tag}.sock")
         self.state_dir = ws.base / f"state-{tag}"
@@ -146,7 +147,7 @@ class PluginServer:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         argv = [sys.executable, "-m", "plugin", "serve", "--name", self.name,
                 "--socket", self.socket_path, "--state-dir", str(self.state_dir),
-                "--backend", self.backend, "--log-level", "warning"]
+                "--backend", self.backend, "--log-level", self.log_level]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
                                          stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
@@ -208,6 +209,9 @@ class Client:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(socket_path)
         self.rfile = self.sock.makefile("rb", buffering=MiB)
+        # One read buffer for the connection's life: allocating 1 MiB per call cost ~11 us
+        # of every small round trip, on the client's side of the measurement.
+        self._view = memoryview(bytearray(MiB))
 
     def close(self) -> None:
         self.rfile.close()
@@ -230,13 +234,12 @@ class Client:
         """The whole body (``sink`` None) or its length after passing it to ``sink``."""
         kept = bytearray()
         total = 0
-        buf = bytearray(MiB)
-        view = memoryview(buf)
+        view = self._view
 
         def take(n: int) -> None:
             nonlocal total
             while n:
-                got = self.rfile.readinto(view[:min(n, len(buf))])
+                got = self.rfile.readinto(view[:min(n, len(view))])
                 if not got:
                     raise PluginError("body cut short")
                 if sink is None:
