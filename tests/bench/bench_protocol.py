@@ -85,7 +85,7 @@ class Sizes:
     reps: int
 
 
-FULL = Sizes(rpc_calls=2000, big_mib=1024, small_files=20_000, changes_files=12_000,
+FULL = Sizes(rpc_calls=5000, big_mib=1024, small_files=20_000, changes_files=12_000,
              graph_iters=20, reps=3)
 QUICK = Sizes(rpc_calls=300, big_mib=256, small_files=5_000, changes_files=3_000,
               graph_iters=5, reps=1)
