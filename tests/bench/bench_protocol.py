@@ -205,20 +205,16 @@ class Bench:
                 go = self.go_round_trips(gorpc, self.server.socket_path, method, body)
             measured.append((f"strata {call}", py, go, sampler.peak))
 
-        def p50(samples: list[float] | None) -> float:
-            return percentiles(samples)[0] if samples else 0.0
-
-        by_name = {name: (py, go) for name, py, go, _ in measured}
-        go_base = p50(by_name.get("Go net/http {} server", ([], None))[1])
-        aio_py, aio_go = by_name["aiohttp {} server"]
-        aio_base = p50(aio_go)
+        go_p50 = {name: percentiles(go)[0] for name, _, go, _ in measured if go}
         rows = []
         for name, py, go, peak in measured:
-            go50, go99 = percentiles(go) if go else (0.0, 0.0)
-            rows.append([name, f"{percentiles(py)[0]:.0f}",
-                         f"{go50:.0f}" if go else "-", f"{go99:.0f}" if go else "-",
-                         ratio(go50, go_base) if go else "-",
-                         ratio(go50, aio_base) if go else "-",
+            go_cells = ["-"] * 4
+            if go:
+                go50, go99 = percentiles(go)
+                go_cells = [f"{go50:.0f}", f"{go99:.0f}",
+                            ratio(go50, go_p50["Go net/http {} server"]),
+                            ratio(go50, go_p50["aiohttp {} server"])]
+            rows.append([name, f"{percentiles(py)[0]:.0f}", *go_cells,
                          rss(peak) if peak else "-"])
         print_table(f"RPC round trip, {n} calls each, one keep-alive connection per client",
                     ["server / call", "p50 us (py client)", "p50 us (Go client)",
@@ -227,7 +223,8 @@ class Bench:
         if not gorpc:
             print("(Go columns empty: no `go` on PATH to build tests/bench/gorpc; "
                   "apt-get install golang-go)")
-        self.rpc_p50_us = p50(aio_py)
+        self.rpc_p50_us = next(percentiles(py)[0] for name, py, _, _ in measured
+                               if name == "aiohttp {} server")
 
     def build_gorpc(self) -> Path | None:
         """Build tests/bench/gorpc (standard library only, works offline) or say why not."""
