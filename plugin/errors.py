@@ -54,6 +54,14 @@ class Busy(StrataError):
     http_status = 409
 
 
+class FailedPrecondition(StrataError):
+    """The layer is not in a state that allows the call: Remove of a layer that
+    still has child layers (containerd's snapshotters answer the same with
+    FAILED_PRECONDITION)."""
+
+    http_status = 409
+
+
 class InvalidArgument(StrataError):
     """Bad input: a malformed ID, body, option or tar stream."""
 

@@ -252,28 +252,22 @@ class BtrfsDriver(RefCountedStore, ProtoDriver):
             quota_enable(self.home)
             qgroup_limit(subvolume, size)
 
-    # ---- get / put ---------------------------------------------------------
-    def get(self, layer_id: str, mount_label: str) -> str:
-        root = self.layer_root(layer_id)
-        size = int(self.store.read_meta(layer_id).extra.get("size", "0"))
+    # ---- get / delete --------------------------------------------------------
+    def _size_limit(self, layer_id: str) -> int:
+        return int(self.store.read_meta(layer_id).extra.get("size", "0"))
 
-        def reapply_limit() -> None:
-            if size:
-                self._limit(root, size)
+    def layer_path(self, layer_id: str, layer_dir: str) -> tuple[str, bool]:
+        # With a size limit the first Get re-applies it (someone may have
+        # turned quotas off): that Get stays in the pool.
+        return self.layer_root(layer_id), bool(self._size_limit(layer_id))
 
-        self.refs.get(layer_id, reapply_limit)
-        # With a size limit the first Get re-applies it: that Get stays in the pool.
-        return self.remember_get(layer_id, root, mounts=bool(size))
+    def activate(self, layer_id: str, layer_dir: str) -> None:
+        size = self._size_limit(layer_id)
+        if size:
+            self._limit(self.root_of(layer_dir), size)
 
-    def put(self, layer_id: str) -> None:
-        self.refs.put(layer_id, lambda: None)
-
-    # ---- remove ------------------------------------------------------------
-    def remove(self, layer_id: str) -> None:
-        with self.refs.lock(layer_id):
-            self.forget_get(layer_id)
-            self.store.remove(layer_id, before_delete=self._destroy_layer_subvolume)
-        self.refs.forget(layer_id)
+    def delete_layer(self, layer_id: str, doomed_dir: str) -> None:
+        self._destroy_layer_subvolume(doomed_dir)
 
     def _destroy_layer_subvolume(self, layer_dir: str) -> None:
         root = self.root_of(layer_dir)

@@ -1,4 +1,23 @@
-"""What every backend shares: its LayerStore, its reference counts, its Home."""
+"""What every backend shares: its LayerStore, its reference counts, its Home,
+and the one Get/Put/Remove sequence.
+
+:class:`RefCountedStore` is the template: ``get``, ``put`` and ``remove`` are
+written once here, and a backend fills in hooks:
+
+* ``layer_path(layer_id, layer_dir)``: what Get returns, and whether the
+  first Get must activate it (mount);
+* ``activate`` / ``deactivate``: mount on the first Get, unmount on the last
+  Put and before Remove (run under the layer's lock, with the count);
+* ``delete_layer(layer_id, doomed_dir)``: release what a plain delete cannot
+  (a subvolume, a dataset, a short link) once the layer is renamed out of sight.
+
+The sequence: Get takes the layer's lock, counts, activates on the first
+reference, and remembers its answer so later Gets and Puts can be counted on
+the event loop; Put counts down and deactivates at zero; Remove takes the lock,
+refuses while children exist (``LayerStore.removal``), deactivates whatever
+the count, renames the layer into the trash, runs ``delete_layer``, deletes
+the rest, and drops the count.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +28,7 @@ from contextlib import contextmanager
 
 import msgspec
 
+from plugin.driver.base import MountSpec
 from plugin.errors import InvalidArgument
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
@@ -45,7 +65,7 @@ class RefCountedStore:
         (it knows their mounts, subvolumes or datasets)."""
         for layer_id in self.store.half_applied():
             try:
-                self.remove(layer_id)  # type: ignore[attr-defined]
+                self.remove(layer_id)
             except Exception:
                 log.exception("reconcile: cannot remove half-applied layer %s", layer_id)
             else:
@@ -73,6 +93,57 @@ class RefCountedStore:
 
     def exists(self, layer_id: str) -> bool:
         return self.store.exists(layer_id)
+
+    # ---- the hooks -------------------------------------------------------------
+    def layer_path(self, layer_id: str, layer_dir: str) -> tuple[str, bool]:
+        """What Get returns for the layer, and whether its first Get activates it."""
+        return self.layer_root(layer_id), False
+
+    def activate(self, layer_id: str, layer_dir: str) -> None:
+        """Mount the layer (first Get); backends that mount override."""
+
+    def deactivate(self, layer_id: str, layer_dir: str) -> None:
+        """Unmount the layer (last Put, Remove); backends that mount override."""
+
+    def delete_layer(self, layer_id: str, doomed_dir: str) -> None:
+        """Release what deleting ``doomed_dir`` file by file cannot."""
+
+    def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
+        """A bind of the layer's root directory (backends whose layers are
+        plain directories: vfs, btrfs subvolumes)."""
+        return [MountSpec("bind", self.layer_root(layer_id),
+                          ("ro" if read_only else "rw", "rbind"))]
+
+    # ---- the sequence ----------------------------------------------------------
+    def get(self, layer_id: str, mount_label: str) -> str:
+        # mount_label is an SELinux context; this host's kernel has no SELinux,
+        # and moby only adds context= when SELinux is enabled.
+        layer_dir = self.store.require(layer_id)
+        path, mounts = self.layer_path(layer_id, layer_dir)
+        self.refs.get(layer_id, lambda: self.activate(layer_id, layer_dir) if mounts else None)
+        return self.remember_get(layer_id, path, mounts)
+
+    def put(self, layer_id: str) -> None:
+        layer_dir = self.store.layer_dir(layer_id)
+        self.refs.put(layer_id, lambda: self._deactivate_if_present(layer_id, layer_dir))
+
+    def _deactivate_if_present(self, layer_id: str, layer_dir: str) -> None:
+        if os.path.isdir(layer_dir):
+            self.deactivate(layer_id, layer_dir)
+
+    def remove(self, layer_id: str) -> None:
+        with self.refs.lock(layer_id):
+            self.forget_get(layer_id)
+            layer_dir = self.store.layer_dir(layer_id)
+            if not os.path.isdir(layer_dir):
+                return
+            with self.store.removal(layer_id):
+                # Whatever the count: a container process may still hold files,
+                # and a busy mount must never make Remove fail (detached lazily).
+                self.deactivate(layer_id, layer_dir)
+                self.store.remove(layer_id,
+                                  before_delete=lambda doomed: self.delete_layer(layer_id, doomed))
+        self.refs.forget(layer_id)
 
     def close(self) -> None:
         self.refs.close()

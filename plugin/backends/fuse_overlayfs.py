@@ -45,12 +45,13 @@ import time
 from plugin.archive import Change, TarStream
 from plugin.backends.overlay import OverlayDriver
 from plugin.driver import mountapi
-from plugin.driver.base import Driver
+from plugin.driver.base import Driver, MountSpec
 from plugin.driver.probes import (
     OverlaySupport,
     filesystems,
     fs_name,
     mountinfo,
+    size_limit_refusal,
     supports_d_type,
     supports_trusted_xattrs,
 )
@@ -62,6 +63,8 @@ log = logging.getLogger("strata.backend.fuse-overlayfs")
 
 BINARY = "fuse-overlayfs"
 FSTYPE = "fuse.fuse-overlayfs"
+#: The type a mount spec names: what containerd's fuse-overlayfs snapshotter returns.
+FSTYPE_SPEC = "fuse3.fuse-overlayfs"
 FUSE_DEVICE = "/dev/fuse"
 #: The kernel overlay's OVL_MAX_STACK, kept for parity: 500 relative lowers are
 #: 500 * 29 + 341 bytes of option, far below MAX_ARG_STRLEN (131072).
@@ -115,10 +118,11 @@ def fuse_mounted(mountpoint: str) -> bool:
     return any(m.mountpoint == mountpoint and m.fstype == FSTYPE for m in mountinfo())
 
 
-def start_mount(binary: str, cwd: str, lowers: list[str], upper: str, work: str,
+def start_mount(binary: str, cwd: str, options: list[str],
                 mountpoint: str) -> subprocess.Popen[bytes]:
-    """Run fuse-overlayfs on ``mountpoint`` and return once the mount is there."""
-    option = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    """Run fuse-overlayfs on ``mountpoint`` (``options`` relative to ``cwd``) and
+    return once the mount is there."""
+    option = ",".join(options)
     with tempfile.TemporaryFile(prefix="strata-fuse-overlayfs-") as err:
         proc = subprocess.Popen([binary, "-f", "-o", option, mountpoint], cwd=cwd,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -177,23 +181,27 @@ class FuseOverlayDriver(OverlayDriver):
         super().__init__(home, idmap, support)
         self.max_lowers = MAX_LOWERS
 
-    def _mount(self, layer_dir: str) -> None:
-        merged = self.merged_dir(layer_dir)
+    #: containerd mounts this type through its fuse3 helper (the snapshotter's spec).
+    spec_type = FSTYPE_SPEC
+
+    def _flags(self) -> tuple[str, ...]:
+        return ()  # fuse-overlayfs has no index and needs no userxattr
+
+    def _mount(self, spec: MountSpec, target: str) -> None:
         PROCESSES.reap()
-        if fuse_mounted(merged):
+        if fuse_mounted(target):
             try:
-                os.stat(merged)
+                os.stat(target)
                 return  # mounted before a plugin restart lost the count
             except OSError as e:
                 if e.errno != errno.ENOTCONN:
                     raise
-            log.warning("fuse-overlayfs for %s died (ENOTCONN); mounting it again", merged)
-            stop_mount(self.fusermount, merged, PROCESSES.take(merged))
-        rel = os.path.relpath(layer_dir, self.home)
-        proc = start_mount(self.binary, self.home, self.lower_links(layer_dir),
-                           f"{rel}/diff", f"{rel}/work", merged)
-        PROCESSES.add(merged, proc)
-        log.debug("mounted %s (pid %d)", merged, proc.pid)
+            log.warning("fuse-overlayfs for %s died (ENOTCONN); mounting it again", target)
+            stop_mount(self.fusermount, target, PROCESSES.take(target))
+        cwd, options = mountapi.compact(spec.options)
+        proc = start_mount(self.binary, cwd, options, target)
+        PROCESSES.add(target, proc)
+        log.debug("mounted %s (pid %d)", target, proc.pid)
 
     def _detach(self, mountpoint: str) -> None:
         stop_mount(self.fusermount, mountpoint, PROCESSES.take(mountpoint))
@@ -250,7 +258,7 @@ def probe_mount(binary: str, fusermount: str | None, home: str) -> None:
         for d in ("l", "u", "w", "m"):
             os.mkdir(os.path.join(tmp, d))
         merged = os.path.join(tmp, "m")
-        proc = start_mount(binary, tmp, ["l"], "u", "w", merged)
+        proc = start_mount(binary, tmp, ["lowerdir=l", "upperdir=u", "workdir=w"], merged)
         stop_mount(fusermount, merged, proc)
 
 
@@ -277,8 +285,7 @@ def _host_problem(home: str) -> None:
 def init(home: str, options: list[str], idmap: IDMappings) -> Driver:
     opts = split_options(options, BINARY)
     if "size" in opts:
-        raise NotSupported("fuse-overlayfs: storage option size is not supported (the btrfs "
-                           "backend limits a layer's size)")
+        raise NotSupported(size_limit_refusal("fuse-overlayfs", home))
     unknown = [o for o in options if o.lower().startswith(BINARY + ".")]
     if unknown:
         raise InvalidArgument(f"fuse-overlayfs: unknown storage option(s) {', '.join(unknown)}")

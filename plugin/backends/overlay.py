@@ -50,7 +50,7 @@ from plugin.archive import ApplyOptions, Change, TarStream, apply_layer, export_
 from plugin.backends.common import RefCountedStore
 from plugin.backends.overlay_changes import overlay_changes
 from plugin.driver import mountapi
-from plugin.driver.base import CreateOpts, Driver
+from plugin.driver.base import CreateOpts, Driver, MountSpec
 from plugin.driver.naive import NaiveDiffDriver
 from plugin.driver.probes import (
     OverlaySupport,
@@ -58,6 +58,7 @@ from plugin.driver.probes import (
     mounts_under,
     overlay_backing_problem,
     probe_overlay,
+    size_limit_refusal,
 )
 from plugin.driver.registry import register, split_options
 from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported, Prerequisites
@@ -152,9 +153,9 @@ class OverlayDriver(RefCountedStore, Driver):
             return None
         return layer_dir
 
-    # ---- create / remove -----------------------------------------------------
+    # ---- create / delete -----------------------------------------------------
     def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
-        _check_storage_opts(layer_id, opts)
+        _check_storage_opts(self.name, self.home, layer_id, opts)
         lower = ""
         if parent:
             parent_dir = self.store.require(parent, "parent layer")
@@ -186,56 +187,60 @@ class OverlayDriver(RefCountedStore, Driver):
         log.debug("created %s (parent %s, depth %d)", layer_id, parent or "-",
                   lower.count(":") + 1 if lower else 0)
 
-    def remove(self, layer_id: str) -> None:
-        with self.refs.lock(layer_id):
-            self.forget_get(layer_id)
-            layer_dir = self.store.layer_dir(layer_id)
-            if not os.path.isdir(layer_dir):
-                return
-            # Detach first: a container process may still hold files open, and a
-            # busy mount must never make Remove fail (EBUSY).
-            self._detach(self.merged_dir(layer_dir))
-            link = self._read(os.path.join(layer_dir, "link"))
-            self.store.remove(layer_id)
-            if link:
-                _unlink_quietly(os.path.join(self.link_dir, link))
-        self.refs.forget(layer_id)
+    def delete_layer(self, layer_id: str, doomed_dir: str) -> None:
+        link = self._read(os.path.join(doomed_dir, "link"))
+        if link:
+            _unlink_quietly(os.path.join(self.link_dir, link))
 
-    # ---- get / put -------------------------------------------------------------
-    def get(self, layer_id: str, mount_label: str) -> str:
-        # mount_label is an SELinux context; this host's kernel has no SELinux,
-        # and moby only adds context= when SELinux is enabled.
-        layer_dir = self.store.require(layer_id)
-        self._forget_cached_size(layer_id, layer_dir)
+    # ---- get / put / mounts ----------------------------------------------------
+    def layer_path(self, layer_id: str, layer_dir: str) -> tuple[str, bool]:
+        # A base layer has nothing to merge: its diff/ itself, never mounted.
         if not self.lower_links(layer_dir):
-            self.refs.get(layer_id, lambda: None)
-            return self.remember_get(layer_id, self.diff_dir(layer_dir), mounts=False)
-        self.refs.get(layer_id, lambda: self._mount(layer_dir))
-        return self.remember_get(layer_id, self.merged_dir(layer_dir), mounts=True)
+            return self.diff_dir(layer_dir), False
+        return self.merged_dir(layer_dir), True
 
-    def put(self, layer_id: str) -> None:
-        layer_dir = self.store.layer_dir(layer_id)
-        self.refs.put(layer_id, lambda: self._unmount(layer_dir))
+    def get(self, layer_id: str, mount_label: str) -> str:
+        self._forget_cached_size(layer_id, self.store.require(layer_id))
+        return super().get(layer_id, mount_label)
 
-    def _mount(self, layer_dir: str) -> None:
+    def activate(self, layer_id: str, layer_dir: str) -> None:
         merged = self.merged_dir(layer_dir)
         if os.path.ismount(merged):
             return  # mounted before a plugin restart lost the count
-        links = self.lower_links(layer_dir)
-        flags: list[tuple[str, str | None]] = [("index", "off")]
-        if self.support.userxattr:
-            flags.append(("userxattr", None))
-        if self.support.new_mount_api:
-            mountapi.fs_mount("overlay", "overlay", merged, [
-                *(("lowerdir+", os.path.join(self.home, link)) for link in links),
-                ("upperdir", self.diff_dir(layer_dir)), ("workdir", os.path.join(layer_dir, "work")),
-                *flags])
-        else:
-            rel = os.path.relpath(layer_dir, self.home)
-            data = ",".join([f"lowerdir={':'.join(links)}", f"upperdir={rel}/diff",
-                             f"workdir={rel}/work",
-                             *(k if v is None else f"{k}={v}" for k, v in flags)])
-            mountapi.mount_from(self.home, "overlay", merged, "overlay", data)
+        self._mount(self._spec(layer_dir, read_only=False), merged)
+
+    def _mount(self, spec: MountSpec, target: str) -> None:
+        mountapi.mount_spec(spec, target, new_api=self.support.new_mount_api)
+
+    def deactivate(self, layer_id: str, layer_dir: str) -> None:
+        self._unmount(layer_dir)
+
+    def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
+        return [self._spec(self.store.require(layer_id), read_only=read_only)]
+
+    #: What the mount spec calls this filesystem (fuse-overlayfs overrides).
+    spec_type = "overlay"
+
+    def _flags(self) -> tuple[str, ...]:
+        return ("index=off", "userxattr") if self.support.userxattr else ("index=off",)
+
+    def _spec(self, layer_dir: str, *, read_only: bool) -> MountSpec:
+        """The layer's tree as one mount.  Lowers are named by their short links,
+        so a mounter that compacts paths by their common directory (strata's
+        legacy mount(2) path, containerd's) gets 29-byte lowers."""
+        diff = self.diff_dir(layer_dir)
+        lowers = [os.path.join(self.home, link) for link in self.lower_links(layer_dir)]
+        if read_only:
+            lowers.insert(0, diff)
+            if len(lowers) == 1:
+                return MountSpec("bind", diff, ("ro", "rbind"))
+            return MountSpec(self.spec_type, "overlay",
+                             (*self._flags(), "lowerdir=" + ":".join(lowers)))
+        if not lowers:
+            return MountSpec("bind", diff, ("rw", "rbind"))
+        return MountSpec(self.spec_type, "overlay", (
+            *self._flags(), f"workdir={os.path.join(layer_dir, 'work')}", f"upperdir={diff}",
+            "lowerdir=" + ":".join(lowers)))
 
     def _unmount(self, layer_dir: str) -> None:
         if os.path.isdir(os.path.join(layer_dir, "merged")):
@@ -374,14 +379,11 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _check_storage_opts(layer_id: str, opts: CreateOpts) -> None:
+def _check_storage_opts(name: str, home: str, layer_id: str, opts: CreateOpts) -> None:
     for key in opts.storage_opt:
         if key.lower() == "size":
-            raise NotSupported(
-                f"layer {layer_id}: overlay cannot limit a layer's size: that needs project "
-                "quotas on xfs (CONFIG_XFS_QUOTA, mounted with prjquota) or ext4 "
-                "(CONFIG_QFMT_V2), which this host's kernel lacks (use the btrfs backend)")
-        raise InvalidArgument(f"layer {layer_id}: unknown storage option {key!r} for overlay")
+            raise NotSupported(f"layer {layer_id}: {size_limit_refusal(name, home)}")
+        raise InvalidArgument(f"layer {layer_id}: unknown storage option {key!r} for {name}")
 
 
 def _parse_bool(key: str, value: str) -> bool:
@@ -395,9 +397,7 @@ def _parse_bool(key: str, value: str) -> bool:
 def init(home: str, options: list[str], idmap: IDMappings) -> Driver:
     opts = split_options(options, "overlay")
     if "size" in opts:
-        raise NotSupported("overlay: storage option size needs xfs/ext4 project quotas, which "
-                           "this host's kernel lacks (CONFIG_XFS_QUOTA / CONFIG_QFMT_V2 unset); "
-                           "use the btrfs backend for per-layer size limits")
+        raise NotSupported(size_limit_refusal("overlay", home))
     known = {"native_diff", "mount_api"}
     unknown = [o for o in options if o.lower().startswith("overlay.")
                and o.lower()[len("overlay."):].partition("=")[0] not in known]

@@ -19,7 +19,7 @@ import subprocess
 from plugin.backends.common import RefCountedStore
 from plugin.driver.base import CreateOpts, Driver, ProtoDriver
 from plugin.driver.naive import NaiveDiffDriver
-from plugin.driver.probes import fs_name
+from plugin.driver.probes import fs_name, size_limit_refusal
 from plugin.driver.registry import register, split_options
 from plugin.errors import InvalidArgument, NotSupported, StrataError
 from plugin.idtools import IDMappings
@@ -45,11 +45,10 @@ class VfsDriver(RefCountedStore, ProtoDriver):
         super().__init__(home, idmap, needs_mount=False)
 
     def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
-        if opts.storage_opt:
-            raise NotSupported(
-                f"layer {layer_id}: vfs cannot apply storage options "
-                f"{', '.join(sorted(opts.storage_opt))}: per-layer size limits need "
-                "project quotas, which this host's kernel lacks (use the btrfs backend)")
+        for key in opts.storage_opt:
+            if key.lower() != "size":
+                raise InvalidArgument(f"layer {layer_id}: unknown storage option {key!r} for vfs")
+            raise NotSupported(f"layer {layer_id}: {size_limit_refusal('vfs', self.home)}")
         parent_root = self.layer_root(parent, "parent layer") if parent else ""
         with self.store.staging(layer_id, LayerMeta(parent=parent)) as stage:
             root = self.root_of(stage)
@@ -60,20 +59,6 @@ class VfsDriver(RefCountedStore, ProtoDriver):
                 os.chown(root, *self.idmap.root_pair())
                 os.chmod(root, 0o755)
         log.debug("created %s (parent %s)", layer_id, parent or "-")
-
-    def get(self, layer_id: str, mount_label: str) -> str:
-        root = self.layer_root(layer_id)
-        self.refs.get(layer_id, lambda: None)
-        return self.remember_get(layer_id, root, mounts=False)
-
-    def put(self, layer_id: str) -> None:
-        self.refs.put(layer_id, lambda: None)
-
-    def remove(self, layer_id: str) -> None:
-        with self.refs.lock(layer_id):
-            self.forget_get(layer_id)
-            self.store.remove(layer_id)
-        self.refs.forget(layer_id)
 
     def status(self) -> list[tuple[str, str]]:
         return [("Backend", "vfs"), ("Backing Filesystem", fs_name(self.home)),
@@ -88,8 +73,7 @@ class VfsDriver(RefCountedStore, ProtoDriver):
 
 def init(home: str, options: list[str], idmap: IDMappings) -> Driver:
     if "size" in split_options(options, "vfs"):
-        raise NotSupported("vfs: storage option size needs project quotas, "
-                           "which this host's kernel lacks (use the btrfs backend)")
+        raise NotSupported(size_limit_refusal("vfs", home))
     unknown = [o for o in options
                if o.lower().startswith("vfs.") and not o.lower().startswith("vfs.size")]
     if unknown:

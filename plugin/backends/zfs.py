@@ -39,7 +39,7 @@ import time
 import uuid
 
 from plugin.backends.common import RefCountedStore
-from plugin.driver.base import CreateOpts, Driver, ProtoDriver
+from plugin.driver.base import CreateOpts, Driver, MountSpec, ProtoDriver
 from plugin.driver.naive import NaiveDiffDriver
 from plugin.driver.probes import fs_name, mountinfo
 from plugin.driver.registry import register, split_options
@@ -48,6 +48,7 @@ from plugin.errors import (
     Busy,
     DeadlineExceeded,
     InvalidArgument,
+    NotSupported,
     Prerequisites,
     StrataError,
 )
@@ -194,10 +195,16 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
         self._destroy_dataset(name)
 
     # ---- get / put ---------------------------------------------------------
-    def get(self, layer_id: str, mount_label: str) -> str:
-        root = self.layer_root(layer_id)
-        self.refs.get(layer_id, lambda: self._mount(layer_id, root))
-        return self.remember_get(layer_id, root, mounts=True)
+    def layer_path(self, layer_id: str, layer_dir: str) -> tuple[str, bool]:
+        return self.layer_root(layer_id), True
+
+    def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
+        raise NotSupported(
+            f"layer {layer_id}: zfs layers are mounted by setting the dataset's mountpoint "
+            "(zfs-fuse has no 'zfs' filesystem type for a mount spec); only Get can mount them")
+
+    def activate(self, layer_id: str, layer_dir: str) -> None:
+        self._mount(layer_id, self.root_of(layer_dir))
 
     def _mount(self, layer_id: str, root: str) -> None:
         if _mounted_at(root):
@@ -223,8 +230,8 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
             if (st.st_uid, st.st_gid) == (0, 0):
                 os.chown(root, *self.idmap.root_pair())  # a new base layer's root, remapped
 
-    def put(self, layer_id: str) -> None:
-        self.refs.put(layer_id, lambda: self._unmount(layer_id))
+    def deactivate(self, layer_id: str, layer_dir: str) -> None:
+        self._unmount(layer_id)
 
     def release_stale_mount(self, layer_id: str) -> None:
         self._unmount(layer_id)
@@ -238,17 +245,9 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
         # that follows does not race the kernel, but do not fail the Put.
         _wait(lambda: not _mounted_at(root), "", fail=False)
 
-    # ---- remove ------------------------------------------------------------
-    def remove(self, layer_id: str) -> None:
-        with self.refs.lock(layer_id):
-            self.forget_get(layer_id)
-            final = self.store.layer_dir(layer_id)
-            if not os.path.isdir(final):
-                return
-            self._unmount(layer_id)
-            self.store.remove(layer_id,
-                              before_delete=lambda _: self._destroy_dataset(self.dataset(layer_id)))
-        self.refs.forget(layer_id)
+    # ---- delete ------------------------------------------------------------
+    def delete_layer(self, layer_id: str, doomed_dir: str) -> None:
+        self._destroy_dataset(self.dataset(layer_id))
 
     def _destroy_dataset(self, name: str) -> None:
         try:

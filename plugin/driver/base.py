@@ -25,6 +25,15 @@ no ``..``, no NUL, bounded length) before it touches a path.
   paths; ``diff_size`` is the byte size of those changes.
 * ``remove(id)`` deletes the layer; removing an unknown id succeeds (dockerd
   retries removals and garbage-collects orphans it may no longer know about).
+  Removing a layer that still has children fails with ``FailedPrecondition``
+  on every backend, as containerd's snapshotters refuse it: dockerd always
+  removes a chain top down, and a parent deleted under its children would
+  leave them with lowers, snapshots or clones that point at nothing.
+* ``mounts(id)`` says what to mount to see the layer's tree, without mounting
+  it (a containerd snapshotter returns this; containerd mounts it), while
+  ``get(id)`` mounts in-process and returns a path (the graphdriver way).  Both
+  describe the same tree; backends that mount through the kernel build their
+  Get mount from the same spec.
 * ``cleanup()`` runs when dockerd shuts down: unmount everything mounted.
 
 Concurrency: calls on *different* ids may run at the same time (a commit
@@ -49,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from plugin.archive import Change, TarStream
+from plugin.errors import NotSupported
 from plugin.idtools import IDMappings
 
 
@@ -59,6 +69,18 @@ class CreateOpts:
 
 
 @dataclass(frozen=True)
+class MountSpec:
+    """One mount, in mount(8)'s terms (containerd's ``mount.Mount``): ``type``
+    (``overlay``, ``bind``, ``fuse3.fuse-overlayfs``), ``source`` and
+    ``options`` in order (``ro``/``rw``, ``rbind``, ``lowerdir=a:b``,
+    ``upperdir=…``).  Paths are absolute; nothing here is relative to a cwd."""
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Capabilities:
     #: True only if ``diff`` replays the exact bytes that were applied: dockerd
     #: then verifies the digest on save/push instead of keeping tar-split data.
@@ -66,50 +88,91 @@ class Capabilities:
 
 
 class ProtoDriver(ABC):
-    """The base contract (moby ``ProtoDriver``)."""
+    """The base contract (moby ``ProtoDriver``).
+
+    Every method may raise ``InvalidArgument`` for an id that is not a valid
+    layer id (the server validates ids first; backends validate again before
+    an id becomes a path), and a ``StrataError`` naming the layer and the path
+    when the filesystem fails under it.
+    """
 
     #: The backend name as Docker spells it (``vfs``, ``overlay``, …).
     name: str
 
     @abstractmethod
-    def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None: ...
+    def create(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        """Make layer ``layer_id`` whose tree starts as ``parent``'s (empty when
+        ``parent`` is ""), writable, visible to ``exists`` only once complete.
+
+        Raises ``AlreadyExists`` if the id is taken, ``NotFound`` if the parent
+        is missing (or is being removed), ``NotSupported``/``InvalidArgument``
+        for a storage option the backend cannot honour."""
 
     def create_read_write(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        """A container's layer (``<c>-init``, then ``<c>``): as ``create``."""
         self.create(layer_id, parent, opts)
 
     @abstractmethod
-    def remove(self, layer_id: str) -> None: ...
+    def remove(self, layer_id: str) -> None:
+        """Delete the layer, unmounting it first whatever its Get count (a
+        container process may still hold files: the unmount is lazy).  An
+        unknown id succeeds.  Raises ``FailedPrecondition`` while the layer has
+        children, and leaves it untouched then.  A crash mid-way leaves the
+        layer either whole or gone (never half), and start-up collects the rest."""
 
     @abstractmethod
-    def get(self, layer_id: str, mount_label: str) -> str: ...
+    def get(self, layer_id: str, mount_label: str) -> str:
+        """Count one reference and return the absolute path of the layer's
+        tree, mounting it on the first reference if the backend mounts; the
+        same path every time for an id.  Raises ``NotFound`` for an unknown id."""
 
     @abstractmethod
-    def put(self, layer_id: str) -> None: ...
+    def put(self, layer_id: str) -> None:
+        """Release one ``get``; unmount when none is left.  The count clamps at
+        zero: a put of an unmounted or unknown id succeeds (dockerd's Gets and
+        Puts are not balanced)."""
 
     @abstractmethod
-    def exists(self, layer_id: str) -> bool: ...
+    def exists(self, layer_id: str) -> bool:
+        """Whether the layer is complete and present (never raises for a valid id)."""
+
+    def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
+        """What to mount, in order, to see the layer's tree at one target; with
+        ``read_only`` a view that cannot write (an overlay without an upper
+        dir, a read-only bind).  Mounts nothing.  Raises ``NotFound`` for an
+        unknown id and ``NotSupported`` where the tree can only be mounted by
+        the backend itself (zfs on zfs-fuse sets a dataset property)."""
+        raise NotSupported(f"the {self.name} backend cannot describe its mounts; "
+                           "only Get can mount its layers")
 
     # Answers from memory, for the server's event loop: no filesystem work, no
     # waiting on a lock.  ``None`` (or False) means "not possible now": the server
-    # then makes the blocking call in its pool.  A thread hop costs ~0.1 ms on
-    # this class of machine, more than the rest of an Exists or a Get.
+    # then makes the blocking call in its pool, and a thread hop costs more
+    # than the rest of an Exists or a Get.
     def exists_nowait(self, layer_id: str) -> bool | None:
+        """``exists`` answered from memory, or None when only ``exists`` can say."""
         return None
 
     def get_nowait(self, layer_id: str, mount_label: str) -> str | None:
+        """``get`` of a layer that needs no mount now, or None (then call ``get``)."""
         return None
 
     def put_nowait(self, layer_id: str) -> bool:
+        """``put`` that needs no unmount; False when ``put`` must do it."""
         return False
 
     @abstractmethod
-    def status(self) -> list[tuple[str, str]]: ...
+    def status(self) -> list[tuple[str, str]]:
+        """Rows for ``docker info``: the backend, its probes, its layer count."""
 
     @abstractmethod
-    def metadata(self, layer_id: str) -> dict[str, str]: ...
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        """``docker inspect``'s GraphDriver.Data for the layer (its paths).
+        Raises ``NotFound`` for an unknown id."""
 
     @abstractmethod
-    def cleanup(self) -> None: ...
+    def cleanup(self) -> None:
+        """dockerd shuts down: unmount every layer, drop every count, ``close``."""
 
     def close(self) -> None:
         """Let go of files held open under Home (a backend's ``cleanup`` ends with
@@ -118,6 +181,7 @@ class ProtoDriver(ABC):
         they reopen what they need."""
 
     def capabilities(self) -> Capabilities:
+        """What dockerd may rely on (see :class:`Capabilities`)."""
         return Capabilities()
 
     def reconcile(self) -> None:
@@ -130,19 +194,31 @@ class ProtoDriver(ABC):
 
 
 class Driver(ProtoDriver):
-    """The full contract (moby ``Driver``): a ProtoDriver plus the diff methods."""
+    """The full contract (moby ``Driver``): a ProtoDriver plus the diff methods.
+
+    ``parent`` is the layer the diff is taken against: dockerd passes the
+    layer's own parent ("" for a base layer), or ``<c>-init`` for a container.
+    Each raises ``NotFound`` for an unknown id or parent."""
 
     @abstractmethod
-    def diff(self, layer_id: str, parent: str) -> TarStream: ...
+    def diff(self, layer_id: str, parent: str) -> TarStream:
+        """A layer tar of what ``layer_id`` changed against ``parent``
+        (whiteouts as ``.wh.`` entries, owners mapped back to the container's
+        ids), streamed: the caller reads and then closes it."""
 
     @abstractmethod
-    def changes(self, layer_id: str, parent: str) -> list[Change]: ...
+    def changes(self, layer_id: str, parent: str) -> list[Change]:
+        """The paths added, modified or deleted against ``parent`` (``docker diff``)."""
 
     @abstractmethod
-    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int: ...
+    def apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
+        """Extract a layer tar onto ``layer_id`` (confined to the layer whatever
+        the tar holds) and return the sum of its entries' sizes.  A bad tar is
+        ``InvalidArgument``; a crash mid-way leaves a layer start-up removes."""
 
     @abstractmethod
-    def diff_size(self, layer_id: str, parent: str) -> int: ...
+    def diff_size(self, layer_id: str, parent: str) -> int:
+        """The byte size of ``changes`` (``docker ps -s``)."""
 
 
 class DriverInit(Protocol):

@@ -13,6 +13,12 @@ chains need short *relative* paths resolved against the caller's cwd; cwd is
 process-wide, so :func:`mount_from` forks a child that ``chdir``s and mounts
 (the mount lands in the shared mount namespace) instead of changing the cwd of
 a multi-threaded server.
+
+:func:`mount_spec` mounts a :class:`~plugin.driver.base.MountSpec` (what a
+backend's ``mounts`` describes, with absolute paths) by whichever of the two
+the host has: one ``lowerdir+`` per lower with the new API, or, with mount(2),
+every path made relative to the directory they share (containerd compacts
+``lowerdir`` the same way).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import ctypes.util
 import errno
 import os
 from collections.abc import Sequence
+
+from plugin.driver.base import MountSpec
+from plugin.errors import NotSupported
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -33,6 +42,9 @@ FSMOUNT_CLOEXEC = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 MNT_DETACH = 0x2
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 0x1, 0x20, 0x1000, 0x4000
+#: Overlay options whose values are paths (``lowerdir`` a ``:``-separated list).
+_OVERLAY_PATH_KEYS = ("lowerdir", "upperdir", "workdir")
 #: mount(2) copies at most one page of option data (PAGE_SIZE on x86_64 and arm64).
 MOUNT_DATA_MAX = os.sysconf("SC_PAGE_SIZE") - 1
 
@@ -68,14 +80,6 @@ def _kernel_messages(fs_fd: int) -> str:
             break
         lines.append(data.decode("utf-8", "replace").strip())
     return "; ".join(lines)
-
-
-def has_new_mount_api() -> bool:
-    fd = _syscall(SYS_FSOPEN, b"overlay", ctypes.c_uint(FSOPEN_CLOEXEC))
-    if fd < 0:
-        return False
-    os.close(fd)
-    return True
 
 
 def fs_mount(fstype: str, source: str, target: str, options: Sequence[Option]) -> None:
@@ -165,3 +169,66 @@ def unmount(target: str, *, detach: bool = True) -> bool:
     if err in (errno.EINVAL, errno.ENOENT):
         return False
     raise MountError(err, f"umount {target}")
+
+
+def mount_spec(spec: MountSpec, target: str, *, new_api: bool) -> None:
+    """Mount ``spec`` on ``target``: a bind, or an overlay by the new API
+    (``new_api``) or by mount(2) with paths made relative (:func:`compact`)."""
+    if spec.type == "bind":
+        bind(spec.source, target, read_only="ro" in spec.options,
+             recursive="rbind" in spec.options)
+    elif spec.type == "overlay" and new_api:
+        fs_mount("overlay", spec.source, target, overlay_fsconfig(spec.options))
+    elif spec.type == "overlay":
+        cwd, options = compact(spec.options)
+        mount_from(cwd, spec.source, target, "overlay", ",".join(options))
+    else:
+        raise NotSupported(f"cannot mount a {spec.type} spec in-process")
+
+
+def overlay_fsconfig(options: Sequence[str]) -> list[Option]:
+    """mount(8)-style overlay options as fsconfig calls: one ``lowerdir+`` per lower."""
+    found: list[Option] = []
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key == "lowerdir":
+            found.extend(("lowerdir+", lower) for lower in value.split(":"))
+        else:
+            found.append((key, value if sep else None))
+    return found
+
+
+def compact(options: Sequence[str]) -> tuple[str, list[str]]:
+    """The directory every path option shares, and the options with their paths
+    made relative to it (for mount(2), whose option data is one page)."""
+    paths = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in _OVERLAY_PATH_KEYS:
+            paths.extend(value.split(":") if key == "lowerdir" else [value])
+    if not paths:
+        return "/", list(options)
+    common = os.path.commonpath(paths)
+    rewritten = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in _OVERLAY_PATH_KEYS:
+            relative = [os.path.relpath(path, common) for path in value.split(":")]
+            option = f"{key}={':'.join(relative)}"
+        rewritten.append(option)
+    return common, rewritten
+
+
+def bind(source: str, target: str, *, read_only: bool, recursive: bool) -> None:
+    """Bind ``source`` on ``target``; read-only takes a second, remounting call."""
+    flags = MS_BIND | (MS_REC if recursive else 0)
+    _mount2(source, target, flags, f"bind {source} on {target}")
+    if read_only:
+        _mount2("none", target, flags | MS_REMOUNT | MS_RDONLY,
+                f"remounting {target} read-only")
+
+
+def _mount2(source: str, target: str, flags: int, what: str) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, ctypes.c_ulong(flags),
+                   None) != 0:
+        raise MountError(ctypes.get_errno(), what)

@@ -20,7 +20,7 @@ from plugin.archive import (
     export_changes,
     export_tree,
 )
-from plugin.driver.base import Capabilities, CreateOpts, Driver, ProtoDriver
+from plugin.driver.base import Capabilities, CreateOpts, Driver, MountSpec, ProtoDriver
 from plugin.idtools import IDMappings
 from plugin.state.refcount import internal_references
 
@@ -74,6 +74,9 @@ class NaiveDiffDriver(Driver):
 
     def exists(self, layer_id: str) -> bool:
         return self.proto.exists(layer_id)
+
+    def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
+        return self.proto.mounts(layer_id, read_only=read_only)
 
     def exists_nowait(self, layer_id: str) -> bool | None:
         return self.proto.exists_nowait(layer_id)

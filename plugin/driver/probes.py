@@ -7,6 +7,7 @@ shows it.  Model: moby ``overlay2/check.go``, containerd ``overlayutils``.
 from __future__ import annotations
 
 import ctypes
+import gzip
 import ctypes.util
 import errno
 import os
@@ -102,6 +103,56 @@ def mounts_under(prefix: str) -> list[str]:
     found = {m.mountpoint for m in mountinfo()
              if m.mountpoint == prefix or m.mountpoint.startswith(prefix + "/")}
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def mount_of(path: str) -> MountEntry | None:
+    """The mount ``path`` is on: the deepest mountpoint at or above it."""
+    real = os.path.realpath(path)
+    return max((m for m in mountinfo()
+                if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")),
+               key=lambda m: len(m.mountpoint), default=None)
+
+
+#: The kernel option each filesystem's project quotas need.
+_PROJECT_QUOTA_CONFIG = {"xfs": "CONFIG_XFS_QUOTA", "ext4": "CONFIG_QFMT_V2"}
+_PROJECT_QUOTA_OPTIONS = {"prjquota", "pquota", "pqnoenforce"}
+
+
+def kernel_config(option: str) -> str | None:
+    """``y``/``m``/``unset`` for a kernel config option, None when the kernel does
+    not publish its config (no /proc/config.gz)."""
+    try:
+        with gzip.open("/proc/config.gz", "rt", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(option + "="):
+                    return line.strip().partition("=")[2]
+    except OSError:
+        return None
+    return "unset"
+
+
+def project_quota_finding(path: str) -> str:
+    """What this host offers ``path`` for per-layer size limits by project
+    quota (overlay2's and vfs's way), in words for an error message."""
+    fs = fs_name(path)
+    if fs not in _PROJECT_QUOTA_CONFIG:
+        return f"{path} is on {fs}, which has no project quotas"
+    config = _PROJECT_QUOTA_CONFIG[fs]
+    if kernel_config(config) == "unset":
+        return f"{path} is on {fs} and this kernel is built without {config}"
+    entry = mount_of(path)
+    enabled = _PROJECT_QUOTA_OPTIONS & set(entry.options.split(",") if entry else ())
+    if not enabled:
+        return f"{path} is on {fs} mounted without prjquota"
+    return (f"{path} is on {fs} mounted with {','.join(sorted(enabled))}, but strata "
+            "sets project quotas on no backend")
+
+
+def size_limit_refusal(backend: str, home: str) -> str:
+    """The Err text for a ``size`` storage option on a backend without limits."""
+    return (f"{backend} cannot limit a layer's size: that needs project quotas, and "
+            f"{project_quota_finding(home)}; use the btrfs backend (qgroup limits) for "
+            "per-layer sizes")
 
 
 def filesystems() -> set[str]:

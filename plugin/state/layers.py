@@ -19,13 +19,15 @@ import os
 import re
 import shutil
 import stat
+import threading
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgspec
 
-from plugin.errors import AlreadyExists, InvalidArgument, NotFound
+from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from plugin.faults import fault_point
 from plugin.state.files import fsync_dir, write_atomic, write_staged
 
@@ -71,6 +73,17 @@ class LayerStore:
         # Exists be answered from memory.  A layer deleted by hand behind the
         # plugin's back stays "known" until the next start.
         self._known: set[str] = set(os.listdir(self.layers_dir))
+        # parent id -> ids of the layers made on it, complete or being staged:
+        # Remove of a parent refuses while any is there, and a Create on a
+        # parent being removed fails (both under ``_tree_lock``), so no layer
+        # is ever left on a deleted parent.
+        self._tree_lock = threading.Lock()
+        self._children: defaultdict[str, set[str]] = defaultdict(set)
+        self._removing: set[str] = set()
+        for layer_id in self._known:
+            parent = self._read_parent(layer_id)
+            if parent:
+                self._children[parent].add(layer_id)
 
     # ---- paths ---------------------------------------------------------------
     def layer_dir(self, layer_id: str) -> str:
@@ -108,6 +121,50 @@ class LayerStore:
     def write_meta(self, layer_dir: str, meta: LayerMeta) -> None:
         write_atomic(os.path.join(layer_dir, "meta.json"), msgspec.json.encode(meta))
 
+    def _read_parent(self, layer_id: str) -> str:
+        try:
+            return self.read_meta(layer_id).parent
+        except (OSError, msgspec.DecodeError, NotFound, InvalidArgument):
+            return ""  # damage under Home: fsck reports it; the layer has no known parent
+
+    # ---- the parent/child tree ----------------------------------------------
+    def children(self, layer_id: str) -> list[str]:
+        """Layers made on ``layer_id`` (complete, or being created now)."""
+        with self._tree_lock:
+            return sorted(self._children.get(layer_id, ()))
+
+    def _adopt(self, layer_id: str, parent: str) -> None:
+        with self._tree_lock:
+            if parent in self._removing or parent not in self._known:
+                raise NotFound(f"parent layer {parent} does not exist (or is being removed)")
+            self._children[parent].add(layer_id)
+
+    def _disown(self, layer_id: str, parent: str) -> None:
+        with self._tree_lock:
+            siblings = self._children.get(parent)
+            if siblings is not None:
+                siblings.discard(layer_id)
+                if not siblings:
+                    del self._children[parent]
+
+    @contextmanager
+    def removal(self, layer_id: str) -> Iterator[None]:
+        """Hold ``layer_id`` for removal: refuse (``FailedPrecondition``) while it
+        has children, and make a Create on it fail until the block ends."""
+        with self._tree_lock:
+            children = sorted(self._children.get(layer_id, ()))
+            if children:
+                shown = ", ".join(children[:3]) + (", …" if len(children) > 3 else "")
+                raise FailedPrecondition(
+                    f"layer {layer_id} has {len(children)} child layer(s) ({shown}): "
+                    "remove them first")
+            self._removing.add(layer_id)
+        try:
+            yield
+        finally:
+            with self._tree_lock:
+                self._removing.discard(layer_id)
+
     # ---- staged create / remove ---------------------------------------------
     @contextmanager
     def staging(self, layer_id: str, meta: LayerMeta) -> Iterator[str]:
@@ -118,9 +175,11 @@ class LayerStore:
         final = self.layer_dir(layer_id)
         if os.path.lexists(final):
             raise AlreadyExists(f"layer {layer_id} already exists")
+        if meta.parent:
+            self._adopt(layer_id, meta.parent)
         stage = os.path.join(self.staging_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
-        os.mkdir(stage, 0o710)
         try:
+            os.mkdir(stage, 0o710)
             write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
             fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
@@ -136,6 +195,8 @@ class LayerStore:
             fault_point("create.renamed")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
+            if meta.parent and not self.known(layer_id):
+                self._disown(layer_id, meta.parent)
             raise
 
     def remove(self, layer_id: str,
@@ -147,12 +208,15 @@ class LayerStore:
         of sight."""
         final = self.layer_dir(layer_id)
         doomed = os.path.join(self.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
+        parent = self._read_parent(layer_id) if self.known(layer_id) else ""
         try:
             os.rename(final, doomed)
         except FileNotFoundError:
             self._known.discard(layer_id)
             return False
         self._known.discard(layer_id)
+        if parent:
+            self._disown(layer_id, parent)
         fsync_dir(self.layers_dir)
         fault_point("remove.renamed")
         if before_delete is not None:

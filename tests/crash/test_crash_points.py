@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from plugin.driver import registry
 from tests.backends import home_for
 from tests.engine.harness import Plugin
 from tests.protocol.client import DockerLikeClient, PluginError
@@ -49,7 +50,8 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
-BACKENDS = ["vfs", "overlay", "fuse-overlayfs", "btrfs", "zfs"]
+#: Every backend with a real driver, from the registry (a new one joins the ring).
+BACKENDS = registry.implemented()
 
 
 class Rig:

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from plugin.driver import registry
 from tests.backends import backend_data_root, btrfs_fs, zfs_pool  # noqa: F401 (fixtures)
 from tests.engine import harness
 from tests.engine.harness import BASE_IMAGE, INTREE_DRIVER
 from tests.engine.rootfs import BUSYBOX, Rootfs, build_rootfs_tar
 
-BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]  # plugin backends to run the whole ring on
+#: Every backend with a real driver, from the registry (a new one joins the ring).
+BACKENDS = registry.implemented()
 # dockerd 20.10 writes its trust key here on every start and has no flag to move it
 KEY_JSON = Path("/etc/docker/key.json")
 

@@ -25,7 +25,8 @@ from plugin.server.app import PluginHandler, build_server
 from tests.backends import btrfs_fs, home_for, zfs_pool  # noqa: F401 (fixtures)
 from tests.protocol.client import DockerLikeClient
 
-BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]
+#: Every backend with a real driver, from the registry (a new one joins the ring).
+BACKENDS = registry.implemented()
 
 
 def backend_unavailable(name: str, home: str) -> str | None:

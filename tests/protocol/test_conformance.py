@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from plugin.driver.probes import fs_name, project_quota_finding
 from tests.protocol.client import PluginError
 from tests.protocol.conftest import PluginUnderTest
 
@@ -484,3 +485,40 @@ async def test_a_symlink_planted_under_home_is_never_followed(plugin: PluginUnde
     assert not await plugin.client.exists("planted")
     await plugin.client.remove("planted")  # unlinks the symlink only
     assert read(os.path.join(outside, "root", "secret")) == b"keep me"
+
+
+async def test_remove_of_a_layer_with_children_is_refused(plugin: PluginUnderTest) -> None:
+    """One rule on every backend (the contract's, and containerd's): a parent is
+    not removed under its children, and the refusal changes nothing."""
+    c = plugin.client
+    parent, child = new_id(), new_id()
+    await c.create(parent)
+    write(os.path.join(await c.get(parent), "kept"), b"parent data")
+    await c.put(parent)
+    await c.create(child, parent, rw=True)
+    with pytest.raises(PluginError) as refused:
+        await c.remove(parent)
+    assert refused.value.status == 409
+    assert f"layer {parent} has 1 child layer(s) ({child})" in refused.value.err
+    assert await c.exists(parent)
+    assert read(os.path.join(await c.get(child), "kept")) == b"parent data"
+    await c.put(child)
+    await c.remove(child)
+    await c.remove(parent)
+    assert not await c.exists(parent) and not await c.exists(child)
+    with pytest.raises(PluginError) as missing:
+        await c.create(child, parent)
+    assert missing.value.status == 404
+
+
+async def test_a_size_limit_is_refused_with_what_the_probe_found(plugin: PluginUnderTest) -> None:
+    """Backends without per-layer limits refuse ``size`` naming Home's filesystem
+    (what the probe found), not a fixed sentence; btrfs and zfs honour it."""
+    if plugin.backend in ("btrfs", "zfs"):
+        pytest.skip(f"{plugin.backend} sets size limits (tests/unit/test_{plugin.backend}*)")
+    with pytest.raises(PluginError) as refused:
+        await plugin.client.create(new_id(), "", rw=True, storage_opt={"size": "1G"})
+    assert refused.value.status == 501
+    finding = await asyncio.to_thread(project_quota_finding, plugin.home)
+    assert fs_name(plugin.home) in finding and finding in refused.value.err
+    assert "use the btrfs backend" in refused.value.err

@@ -54,3 +54,11 @@ def test_split_options() -> None:
                                   "btrfs") == {"min_space": "1G", "size": "5G"}
     with pytest.raises(InvalidArgument):
         registry.split_options(["novalue"], "vfs")
+
+
+def test_the_rings_run_every_implemented_backend() -> None:
+    """The conformance, engine and crash rings take their backends from here:
+    every real driver, and neither refusal stub."""
+    names = registry.implemented()
+    assert set(names) == set(registry.PRIORITY)
+    assert "aufs" not in names and "devicemapper" not in names

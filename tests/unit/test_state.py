@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from plugin.errors import AlreadyExists, InvalidArgument, NotFound
+from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from plugin.idtools import IDMap
 from plugin.state import refcount
 from plugin.state.config import InitRecord, load_init, save_init
@@ -39,12 +39,44 @@ def test_staged_create_is_atomic(tmp_path: str) -> None:
         assert not store.exists("L1")
         raise RuntimeError("crash while building")
     assert not store.exists("L1") and os.listdir(store.staging_dir) == []
+    with store.staging("P", LayerMeta()):
+        pass
     with store.staging("L1", LayerMeta(parent="P")) as stage:
         open(os.path.join(stage, "full"), "w").close()
     assert store.exists("L1") and store.read_meta("L1").parent == "P"
     with pytest.raises(AlreadyExists), store.staging("L1", LayerMeta()):
         pass
     assert os.path.exists(os.path.join(store.layer_dir("L1"), "full"))
+
+
+def test_the_tree_refuses_orphans(tmp_path: str) -> None:
+    """A layer is made only on a parent that exists and is not being removed;
+    a parent is removed only once it has no children, also after a restart."""
+    store = LayerStore(str(tmp_path))
+    with pytest.raises(NotFound, match="parent layer P does not exist"), \
+            store.staging("C", LayerMeta(parent="P")):
+        pass
+    assert os.listdir(store.staging_dir) == []
+    with store.staging("P", LayerMeta()):
+        pass
+    with pytest.raises(RuntimeError), store.staging("C", LayerMeta(parent="P")):
+        assert store.children("P") == ["C"]  # a child being staged already counts
+        raise RuntimeError("crash while building")
+    assert store.children("P") == []
+    with store.staging("C", LayerMeta(parent="P")):
+        pass
+    with pytest.raises(FailedPrecondition, match="layer P has 1 child layer"), \
+            store.removal("P"):
+        pass
+    assert store.exists("P")
+    assert LayerStore(str(tmp_path)).children("P") == ["C"]  # rebuilt from meta.json
+    assert store.remove("C") and store.children("P") == []
+    with store.removal("P"):
+        with pytest.raises(NotFound, match="being removed"), \
+                store.staging("D", LayerMeta(parent="P")):
+            pass
+        assert store.remove("P")
+    assert not store.exists("P")
 
 
 def test_remove_and_reconcile(tmp_path: str) -> None:
