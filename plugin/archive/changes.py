@@ -1,6 +1,6 @@
 """What changed between two directory trees (docker ``ChangesDirs``/``ChangesSize``).
 
-Semantics are protocol.md §6.6, read from ``pkg/archive/changes.go`` and
+Semantics are docs/protocol.md §6.6, read from ``pkg/archive/changes.go`` and
 ``changes_linux.go``:
 
 * a path only in ``new`` is ADD, and so is everything below an added directory;

@@ -1,4 +1,4 @@
-"""Unpack one layer tar into a directory (docker's ``UnpackLayer``, protocol §6.4).
+"""Unpack one layer tar into a directory (docker's ``UnpackLayer``, docs/protocol.md §6.4).
 
 This runs inside the worker child after it has chrooted into the layer root,
 so ``root`` is normally ``"/"`` and the kernel confines every path lookup,

@@ -1,4 +1,4 @@
-"""Write layer tars the way docker's ``tarAppender.addTarFile`` does (protocol §6.3).
+"""Write layer tars the way docker's ``tarAppender.addTarFile`` does (docs/protocol.md §6.3).
 
 Runs in the export worker (``export.py``: the worker writing to its stdout, and
 the helper it may fork writing to a pipe of its own).  Entries are relative,

@@ -8,7 +8,7 @@ so the snapshot goes away with its clone; Remove destroys the dataset.
 
 Mounting differs from Docker's driver, which sets ``mountpoint=legacy`` and
 calls mount(2) with type ``zfs``: with zfs-fuse (the only zfs this kernel can
-have, shared/reference/host.md §3) there is no ``zfs`` filesystem type, so
+have, docs/host.md §3) there is no ``zfs`` filesystem type, so
 Get sets the dataset's ``mountpoint`` property to ``Home/layers/<id>/root``
 (zfs-fuse mounts it through FUSE) and Put sets it back to ``none``.  This also
 works with kernel zfs.  zfs-fuse unmounts asynchronously: a mount or destroy
@@ -58,7 +58,7 @@ log = logging.getLogger("strata.backend.zfs")
 
 HOME_PROPERTY = "strata:home"
 ZFS_FSTYPES = ("zfs", "fuse.zfs")
-#: zfs-fuse answers "busy" for about 2 s after an unmount (host.md §3): retry
+#: zfs-fuse answers "busy" for about 2 s after an unmount (docs/host.md §3): retry
 #: for up to this long, doubling the pause from 50 ms to 1 s.
 BUSY_RETRY_SECONDS = 30.0
 COMMAND_TIMEOUT = 120.0

@@ -121,7 +121,7 @@ async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
               deadline: bool = True) -> Any:
     """Run blocking driver work in the worker pool, within the call deadline.
 
-    dockerd gives legacy plugins no timeout at all (protocol §2.3): a stuck
+    dockerd gives legacy plugins no timeout at all (docs/protocol.md §2.3): a stuck
     mount would hang the daemon.  Past the deadline the caller gets an Err;
     the worker thread cannot be cancelled and finishes (or stays stuck) on its
     own, holding the per-layer lock, so later calls on that layer time out too.
@@ -172,7 +172,7 @@ async def read_body(request: web.BaseRequest) -> bytes:
 async def decode(request: web.BaseRequest, kind: type[Req]) -> Req:
     body = await read_body(request)
     if not body.strip():
-        # dockerd's retry of a dropped call resends an empty body (protocol §2.4).
+        # dockerd's retry of a dropped call resends an empty body (docs/protocol.md §2.4).
         raise InvalidArgument(f"{op_name(request)}: empty request body")
     value = msgspec.json.decode(body, type=kind)
     layer_id = getattr(value, "ID", None)
@@ -301,7 +301,7 @@ async def diff_size(request: web.BaseRequest) -> web.Response:
 async def diff(request: web.BaseRequest) -> web.StreamResponse:
     """Stream the layer tar.  Before the first byte an error is a non-200 reply
     (a 200 body would be read as tar); after it, only aborting the connection
-    tells dockerd the stream is bad (protocol §2.2)."""
+    tells dockerd the stream is bad (docs/protocol.md §2.2)."""
     req = await decode(request, p.ParentRequest)
     stream = await run(request, driver_of(request).diff, req.ID, req.Parent)
     # The export worker's pipe is read here, on the loop, as it fills (a thread
@@ -367,7 +367,7 @@ async def apply_diff(request: web.BaseRequest) -> web.Response:
         size = await run(request, driver_of(request).apply_diff, layer_id, parent, reader,
                          deadline=False)
     finally:
-        # dockerd hashes every byte it sends; leave nothing unread (protocol §6.1).
+        # dockerd hashes every byte it sends; leave nothing unread (docs/protocol.md §6.1).
         while await request.content.read(CHUNK):
             pass
     return encode(p.SizeResponse(Size=size))

@@ -12,7 +12,7 @@ counts are checked against the layers and ``/proc/self/mountinfo``: a count
 whose layer or mount is gone is dropped, and a mount with no count is
 released (strata's own references are never persisted, see below).
 
-dockerd's Gets and Puts are not balanced (protocol.md §9): the count clamps at
+dockerd's Gets and Puts are not balanced (docs/protocol.md §9): the count clamps at
 zero and a Put of an unmounted id succeeds.
 """
 
