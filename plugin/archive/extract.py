@@ -47,8 +47,8 @@ _HELPER_MAX_BODY = 65536
 _SYNC_EVERY_FILES = 4096
 #: Bodies handed over are kept for a replay until the next sync.  Every worker is
 #: a new process, so each page of that memory is a fresh page faulted in (and
-#: zeroed) on every apply: 8 MiB cost ~2,200 faults, ~10 ms of a 55 MB tree's
-#: apply.  A sync waits only for the helper's short backlog (< 100 KiB).
+#: zeroed) on every apply (a bound of 8 MiB would be 2,048 pages of 4 KiB to fault
+#: in each time).  A sync waits only for the helper's short backlog.
 _SYNC_EVERY_BYTES = 1 << 20
 
 

@@ -58,7 +58,7 @@ log = logging.getLogger("strata.backend.zfs")
 
 HOME_PROPERTY = "strata:home"
 ZFS_FSTYPES = ("zfs", "fuse.zfs")
-#: zfs-fuse answers "busy" for about 2 s after an unmount (docs/host.md §3): retry
+#: zfs-fuse answers "busy" for a while after an unmount (docs/host.md §3): retry
 #: for up to this long, doubling the pause from 50 ms to 1 s.
 BUSY_RETRY_SECONDS = 30.0
 COMMAND_TIMEOUT = 120.0
@@ -73,7 +73,7 @@ class ZfsError(StrataError):
 #: zfs-fuse deadlocks when mounts, unmounts and destroys of nested datasets
 #: overlap (seen: its own ``umount -l`` of a layer hung in a FUSE getattr on
 #: the parent dataset, with 32 clients calling at once), so this process runs
-#: one zfs command at a time.  They take 10-100 ms each.
+#: one zfs command at a time; each is short next to the layer work around it.
 _ZFS_LOCK = threading.Lock()
 
 

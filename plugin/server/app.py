@@ -11,7 +11,8 @@ requests.
 
 The handlers run under aiohttp's low-level ``web.Server`` with a dict from
 path to handler, not under a ``web.Application``: its router, middleware
-chain and request cloning cost ~45 µs of a ~200 µs round trip, and the
+chain and request cloning are a large share of a small call's round trip (the
+README's RPC table has a bare ``web.Application`` as its baseline), and the
 plugin has sixteen fixed paths, all POST.
 """
 
@@ -84,7 +85,7 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
     work (went to the pool), debug when it was answered from memory on the loop
     (Exists of a known layer, a Get/Put that only counts, Capabilities).  Those
     are most of dockerd's calls (every ``docker ps -s`` and container start asks
-    them) and a line costs ~40 µs of CPU, a fifth of the round trip; an info log
+    them) and formatting and writing a line is a real share of such a call; an info log
     still shows every call that changed or read the disk."""
     started = time.monotonic()
     outcome = "ok"
@@ -126,7 +127,7 @@ async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
     the worker thread cannot be cancelled and finishes (or stays stuck) on its
     own, holding the per-layer lock, so later calls on that layer time out too.
     (A timer and a callback rather than ``wait_for(shield(...))``, which costs
-    two tasks per call: ~40 µs of a 0.3 ms round trip.)
+    two extra tasks per call.)
     """
     loop = asyncio.get_running_loop()
     context = request[CONTEXT]
@@ -161,8 +162,8 @@ async def read_body(request: web.BaseRequest) -> bytes:
     if not content.is_eof():
         return await request.read()
     # All of it is buffered already (a small call's body arrives with its headers):
-    # take it in one go; ``request.read`` loops on ``readany``, ~5 µs of a ~30 µs
-    # handler.  Same limit as ``request.read``.
+    # take it in one go; ``request.read`` loops on ``readany`` and joins the pieces.
+    # Same limit as ``request.read``.
     body = content.read_nowait()
     if len(body) > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
