@@ -565,10 +565,6 @@ def _entry_xattrs(info: Entry) -> list[tuple[str, bytes]]:
     return found
 
 
-def _read_error_text(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 def _os_error(name: str, exc: OSError) -> StrataError:
     """Map an OSError while creating an entry to the error dockerd should see."""
     text = f"layer tar entry {name!r}: {exc.strerror or exc}"

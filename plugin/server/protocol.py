@@ -61,10 +61,6 @@ class ParentRequest(_Wire):
     Parent: str = ""
 
 
-class EmptyRequest(_Wire):
-    """Capabilities, Status and Cleanup send ``{}``."""
-
-
 # ---- responses ------------------------------------------------------------
 
 
