@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(level: str) -> None:
     # No record needs its caller's file and line, thread or process name (the
-    # format has none of them): finding the caller walks the stack, ~3-10 µs of
-    # each line, and the server writes one line per call (logging HOWTO,
+    # format has none of them): finding the caller walks the stack for every
+    # line, and the server writes one line per call (logging HOWTO,
     # "Optimization").
     logging._srcfile = None
     logging.logThreads = False

@@ -5,8 +5,8 @@ Layer bodies pass through these processes as bytes objects of 32 KiB to 1 MiB
 malloc serves requests above its mmap threshold with a fresh ``mmap`` and hands
 freed heap tops back to the kernel past its trim threshold, so such buffers
 come back as new pages that fault in one by one (and are zeroed by the kernel)
-on every allocation: a profile of a tree ApplyDiff showed ~9% of the event
-loop's and ~10% of the worker's time in page faults.  Fixed thresholds keep
+on every allocation: a profile of a tree ApplyDiff showed page faults as a
+visible share of both the event loop's and the worker's time.  Fixed thresholds keep
 that memory in the heap for reuse.  Costs: up to the trim threshold of freed
 memory stays mapped (counted in RSS).
 """

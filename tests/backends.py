@@ -2,7 +2,7 @@
 
 The protocol and engine rings run every backend on a Home of *its* filesystem:
 btrfs on a loop-mounted image file, zfs on a zfs-fuse dataset (the kernel has
-no zfs; shared/reference/host.md §2-3).  Session fixtures create one of each
+no zfs; docs/host.md §2-3).  Session fixtures create one of each
 per test run under a unique ``/tmp/strata-<kind>-<hex>/`` and remove every
 mount, loop device, pool and daemon they made, by path, device and pid:
 

@@ -1,7 +1,7 @@
 """Layer tar streams in and out: the one place strata reads and writes layer tars.
 
 * ``changes`` / ``changes_size``: what differs between two trees (docker
-  ``ChangesDirs`` / ``ChangesSize``, protocol.md §6.6).
+  ``ChangesDirs`` / ``ChangesSize``, docs/protocol.md §6.6).
 * ``export_tree`` / ``export_changes``: a layer tar of a tree or of its changes,
   produced by a child process and read through a ``TarStream`` (§6.3).
 * ``apply_layer``: unpack a layer tar into a directory inside a chrooted child,

@@ -1,8 +1,9 @@
 """The export worker's job: a tree or a change list as a layer tar on its stdout.
 
-GNU tar needs ~8 µs of syscalls per entry (lstat, llistxattr, open, read,
-close) and we need the same plus ~4 µs of Python, so on a layer of small files
-one process cannot keep up with it.  Two can: this process (the *leader*)
+GNU tar's cost per entry is its syscalls (lstat, llistxattr, open, read,
+close); we make the same ones plus the Python around them, so on a layer of
+small files one process cannot keep up with it (``tests/bench/bench_archive.py``
+measures both).  Two can: this process (the *leader*)
 starts alone and, once a layer proves big and made of small entries, forks a
 *helper* that renders part of the entries into a pipe of its own, which the
 leader splices into the output in order.
@@ -53,16 +54,16 @@ from plugin.idtools import IDMappings
 
 log = logging.getLogger("strata.archive")
 
-#: Entries per chunk: each costs the leader a few messages and syscalls (~30 µs),
-#: 2 % of rendering 128 small files (~1.5 ms).
+#: Entries per chunk: each chunk costs the leader a few messages and syscalls,
+#: small next to rendering this many small files.
 CHUNK_ENTRIES = 128
 #: The leader writes this many entries alone before it considers a helper.
 FORK_MIN_ENTRIES = CHUNK_ENTRIES
 #: A helper is forked only while the last two chunks averaged less than this per
 #: entry: past it the cost is in moving bytes, and the reader of the pipe (the
-#: plugin, its client) needs the second core.  Diff through the plugin, helper vs
-#: none: 5000 files of 2 KiB 55 vs 74 ms, of 8 KiB 92 vs 98 ms, of 24 KiB 114 vs
-#: 74 ms; /usr/lib/python3.11 (36 KiB per entry) 70 vs 52 ms.
+#: plugin, its client) needs the second core.  Through the plugin, a helper made
+#: Diff of files of a few KiB faster and of tens of KiB slower (measure with
+#: ``tests/bench/bench_archive.py`` and ``bench_protocol.py``).
 HELPER_MAX_BYTES = 8 << 10
 #: Chunks the helper is given beyond the one the leader splices next.
 HELPER_AHEAD = 6

@@ -30,7 +30,7 @@ log = logging.getLogger("strata.archive")
 
 _CHUNK = 1 << 20
 #: Small files an apply worker extracts alone before it forks its file helper: a
-#: small layer is not worth a fork (~1 ms).
+#: small layer is not worth the fork.
 HELPER_AFTER = 64
 #: How an export worker marks the message of a fatal error on stderr.
 FATAL_PREFIX = "FATAL "
@@ -240,7 +240,7 @@ def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
 
 def _widen_pipe(pipe: IO[bytes] | None) -> None:
     """A 64 KiB pipe makes the copy ping-pong between processes; 1 MiB (the default
-    /proc/sys/fs/pipe-max-size) roughly doubles throughput either way."""
+    /proc/sys/fs/pipe-max-size) lets each side move a whole chunk per wake-up."""
     if pipe is None:
         return
     try:

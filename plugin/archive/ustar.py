@@ -7,7 +7,7 @@ one difference from ``tarfile`` is that the mode keeps its file type bits, as
 Go's ``archive/tar`` does.
 
 Building the blocks is the export's per-entry cost, so the checksum (the sum of
-the block's 512 bytes, 3.5 µs in Python) is added up from the short fields
+the block's 512 bytes, a Python int per byte) is added up from the short fields
 instead: every field is NUL-padded, and the part after the name and numbers
 repeats across a layer's entries, so its bytes and their sum are cached.
 """

@@ -1,11 +1,11 @@
 """A warm parent for archive workers: fork instead of starting a new interpreter.
 
-Starting ``python -m plugin.archive.worker`` costs 70-250 ms on the project
-machine (interpreter start, ``site``, the imports), more than GNU tar needs for
-a whole 5k-file layer, and it is paid by every ApplyDiff and Diff (moby's
-DiffBase benchmark was 66 ms/op, nearly all of it start-up).  So, like
-``multiprocessing``'s forkserver, one helper process imports the workers once
-and forks a child per job; a fork of that small process takes ~1-2 ms.  The
+Starting ``python -m plugin.archive.worker`` (interpreter start, ``site``, the
+imports) costs more than GNU tar needs for a whole small layer, and it is paid
+by every ApplyDiff and Diff (it was nearly all of moby's DiffBase benchmark, a
+row of ``tests/bench/bench_protocol.py``).  So, like ``multiprocessing``'s
+forkserver, one helper process imports the workers once and forks a child per
+job; forking that small process is far cheaper than a new interpreter.  The
 plugin itself never forks: it is multi-threaded, and a fork there could
 inherit a lock held by another thread.
 

@@ -8,9 +8,9 @@ subvolume (Home's) is an ordinary rename (tests/unit/test_btrfs_backend.py
 proves it).  Nothing is mounted: Get returns the subvolume's path.
 
 Why ioctls (``fcntl.ioctl``) rather than the ``btrfs`` CLI: a snapshot is one
-syscall instead of a fork+exec of btrfs-progs per layer (19.5 ms against
-25.6 ms for a 10k-file tree, shared/reference/host.md §2, and the gap is the
-whole cost for small layers), the answer is an errno we can map to a typed
+syscall instead of a fork+exec of btrfs-progs per layer (docs/host.md §2;
+for a small layer that fork+exec would be nearly the whole cost of the
+snapshot), the answer is an errno we can map to a typed
 error instead of text to parse, and the plugin needs no btrfs-progs at run
 time.  The struct layouts (``btrfs_ioctl_vol_args[_v2]``, qgroup limit,
 quota ctl, ino lookup) are from ``include/uapi/linux/btrfs.h`` and were

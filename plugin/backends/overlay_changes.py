@@ -1,7 +1,7 @@
 """Native Changes for overlay: walk the upper dir only, look paths up in the lowers.
 
 The result is what docker's ``ChangesDirs`` gives on the two *merged* trees
-(``plugin.archive.changes``, protocol.md §6.6), entry for entry and in the same
+(``plugin.archive.changes``, docs/protocol.md §6.6), entry for entry and in the same
 order, without mounting either tree or walking the (possibly huge) lowers:
 
 * only the upper dir (``diff/``) can hold a change, so only it is walked;

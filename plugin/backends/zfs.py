@@ -8,7 +8,7 @@ so the snapshot goes away with its clone; Remove destroys the dataset.
 
 Mounting differs from Docker's driver, which sets ``mountpoint=legacy`` and
 calls mount(2) with type ``zfs``: with zfs-fuse (the only zfs this kernel can
-have, shared/reference/host.md §3) there is no ``zfs`` filesystem type, so
+have, docs/host.md §3) there is no ``zfs`` filesystem type, so
 Get sets the dataset's ``mountpoint`` property to ``Home/layers/<id>/root``
 (zfs-fuse mounts it through FUSE) and Put sets it back to ``none``.  This also
 works with kernel zfs.  zfs-fuse unmounts asynchronously: a mount or destroy
@@ -59,7 +59,7 @@ log = logging.getLogger("strata.backend.zfs")
 
 HOME_PROPERTY = "strata:home"
 ZFS_FSTYPES = ("zfs", "fuse.zfs")
-#: zfs-fuse answers "busy" for about 2 s after an unmount (host.md §3): retry
+#: zfs-fuse answers "busy" for a while after an unmount (docs/host.md §3): retry
 #: for up to this long, doubling the pause from 50 ms to 1 s.
 BUSY_RETRY_SECONDS = 30.0
 COMMAND_TIMEOUT = 120.0
@@ -74,7 +74,7 @@ class ZfsError(StrataError):
 #: zfs-fuse deadlocks when mounts, unmounts and destroys of nested datasets
 #: overlap (seen: its own ``umount -l`` of a layer hung in a FUSE getattr on
 #: the parent dataset, with 32 clients calling at once), so this process runs
-#: one zfs command at a time.  They take 10-100 ms each.
+#: one zfs command at a time; each is short next to the layer work around it.
 _ZFS_LOCK = threading.Lock()
 
 

@@ -147,8 +147,8 @@ class ProtoDriver(ABC):
 
     # Answers from memory, for the server's event loop: no filesystem work, no
     # waiting on a lock.  ``None`` (or False) means "not possible now": the server
-    # then makes the blocking call in its pool, and a thread hop costs more
-    # than the rest of an Exists or a Get.
+    # then makes the blocking call in its pool.  A thread hop (two wake-ups and a
+    # GIL hand-over) costs more than the rest of an Exists or a Get.
     def exists_nowait(self, layer_id: str) -> bool | None:
         """``exists`` answered from memory, or None when only ``exists`` can say."""
         return None

@@ -5,7 +5,7 @@ The new API (Linux >= 5.2) builds a filesystem context option by option:
 -> ``move_mount`` onto the target.  Each option is its own call, so an overlay
 with 500 lower layers is 500 ``fsconfig(SET_STRING, "lowerdir+", path)`` calls
 (``lowerdir+`` exists from Linux 6.8) and the one-page limit of mount(2)'s data
-string never applies.  Syscall numbers 428-432 are the same on every
+string never applies.  Syscall numbers 429-432 are the same on every
 architecture (they were allocated after the tables were unified).
 
 mount(2) is the fallback.  Its data string is cut at one page, so long layer
@@ -35,7 +35,7 @@ from plugin.errors import NotSupported
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 428, 429, 430, 431, 432
+SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
 FSOPEN_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
 FSMOUNT_CLOEXEC = 0x1

@@ -98,7 +98,7 @@ def new(home: str, options: list[str], idmap: IDMappings) -> Driver:
 def split_options(options: list[str], prefix: str) -> dict[str, str]:
     """``prefix.key=value`` options addressed to one backend, by key.
 
-    dockerd passes every ``--storage-opt`` unfiltered (protocol.md §1.1), so
+    dockerd passes every ``--storage-opt`` unfiltered (docs/protocol.md §1.1), so
     options for other drivers are ignored here; a malformed one is an error.
     """
     found = {}

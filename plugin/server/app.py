@@ -11,7 +11,8 @@ requests.
 
 The handlers run under aiohttp's low-level ``web.Server`` with a dict from
 path to handler, not under a ``web.Application``: its router, middleware
-chain and request cloning cost ~45 µs of a ~200 µs round trip, and the
+chain and request cloning are a large share of a small call's round trip (the
+README's RPC table has a bare ``web.Application`` as its baseline), and the
 plugin has sixteen fixed paths, all POST.
 """
 
@@ -84,7 +85,7 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
     work (went to the pool), debug when it was answered from memory on the loop
     (Exists of a known layer, a Get/Put that only counts, Capabilities).  Those
     are most of dockerd's calls (every ``docker ps -s`` and container start asks
-    them) and a line costs ~40 µs of CPU, a fifth of the round trip; an info log
+    them) and formatting and writing a line is a real share of such a call; an info log
     still shows every call that changed or read the disk."""
     started = time.monotonic()
     outcome = "ok"
@@ -121,12 +122,12 @@ async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
               deadline: bool = True) -> Any:
     """Run blocking driver work in the worker pool, within the call deadline.
 
-    dockerd gives legacy plugins no timeout at all (protocol §2.3): a stuck
+    dockerd gives legacy plugins no timeout at all (docs/protocol.md §2.3): a stuck
     mount would hang the daemon.  Past the deadline the caller gets an Err;
     the worker thread cannot be cancelled and finishes (or stays stuck) on its
     own, holding the per-layer lock, so later calls on that layer time out too.
     (A timer and a callback rather than ``wait_for(shield(...))``, which costs
-    two tasks per call: ~40 µs of a 0.3 ms round trip.)
+    two extra tasks per call.)
     """
     loop = asyncio.get_running_loop()
     context = request[CONTEXT]
@@ -161,8 +162,8 @@ async def read_body(request: web.BaseRequest) -> bytes:
     if not content.is_eof():
         return await request.read()
     # All of it is buffered already (a small call's body arrives with its headers):
-    # take it in one go; ``request.read`` loops on ``readany``, ~5 µs of a ~30 µs
-    # handler.  Same limit as ``request.read``.
+    # take it in one go; ``request.read`` loops on ``readany`` and joins the pieces.
+    # Same limit as ``request.read``.
     body = content.read_nowait()
     if len(body) > MAX_BODY:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
@@ -172,7 +173,7 @@ async def read_body(request: web.BaseRequest) -> bytes:
 async def decode(request: web.BaseRequest, kind: type[Req]) -> Req:
     body = await read_body(request)
     if not body.strip():
-        # dockerd's retry of a dropped call resends an empty body (protocol §2.4).
+        # dockerd's retry of a dropped call resends an empty body (docs/protocol.md §2.4).
         raise InvalidArgument(f"{op_name(request)}: empty request body")
     value = msgspec.json.decode(body, type=kind)
     layer_id = getattr(value, "ID", None)
@@ -301,7 +302,7 @@ async def diff_size(request: web.BaseRequest) -> web.Response:
 async def diff(request: web.BaseRequest) -> web.StreamResponse:
     """Stream the layer tar.  Before the first byte an error is a non-200 reply
     (a 200 body would be read as tar); after it, only aborting the connection
-    tells dockerd the stream is bad (protocol §2.2)."""
+    tells dockerd the stream is bad (docs/protocol.md §2.2)."""
     req = await decode(request, p.ParentRequest)
     stream = await run(request, driver_of(request).diff, req.ID, req.Parent)
     # The export worker's pipe is read here, on the loop, as it fills (a thread
@@ -367,7 +368,7 @@ async def apply_diff(request: web.BaseRequest) -> web.Response:
         size = await run(request, driver_of(request).apply_diff, layer_id, parent, reader,
                          deadline=False)
     finally:
-        # dockerd hashes every byte it sends; leave nothing unread (protocol §6.1).
+        # dockerd hashes every byte it sends; leave nothing unread (docs/protocol.md §6.1).
         while await request.content.read(CHUNK):
             pass
     return encode(p.SizeResponse(Size=size))

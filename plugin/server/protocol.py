@@ -2,7 +2,7 @@
 
 Field names are the wire names.  Requests decode leniently like Go's
 ``encoding/json`` (unknown keys ignored); the quirks that matter are recorded
-in ../shared/reference/protocol.md §1.1 and §10:
+in docs/protocol.md §1.1 and §10:
 
 * ``Opts``/``UIDMaps``/``GIDMaps`` arrive as ``null`` when unset;
 * ``Parent``, ``MountLabel``, ``StorageOpt`` are *omitted* when empty;
@@ -59,10 +59,6 @@ class ParentRequest(_Wire):
 
     ID: str
     Parent: str = ""
-
-
-class EmptyRequest(_Wire):
-    """Capabilities, Status and Cleanup send ``{}``."""
 
 
 # ---- responses ------------------------------------------------------------

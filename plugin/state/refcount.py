@@ -4,7 +4,7 @@ dockerd never re-sends Get for a container that is running when the plugin
 restarts, yet will send its Put when the container stops: a restarted plugin
 must know the layer is mounted.  Every change appends one line ``<id> <count>``
 to ``refs.json.log`` (one ``write`` on an O_APPEND descriptor: a rename per
-Get cost ~0.2 ms on ext4, which flushes a file renamed over another); opening
+Get is slow on ext4, which flushes a file renamed over another); opening
 the counter folds that journal into the ``refs.json`` snapshot.  Lines carry
 absolute counts, so replaying a journal twice is harmless and a crash between
 writing the snapshot and emptying the journal loses nothing.  On start-up the
@@ -12,7 +12,7 @@ counts are checked against the layers and ``/proc/self/mountinfo``: a count
 whose layer or mount is gone is dropped, and a mount with no count is
 released (strata's own references are never persisted, see below).
 
-dockerd's Gets and Puts are not balanced (protocol.md §9): the count clamps at
+dockerd's Gets and Puts are not balanced (docs/protocol.md §9): the count clamps at
 zero and a Put of an unmounted id succeeds.
 """
 
@@ -109,7 +109,7 @@ class RefCounter:
         """Append one line with one write(2): the only file I/O a count made on the
         event loop does (the protocol suite's blocking-call guard allows exactly
         this function).  The journal stays open between appends (an open and a
-        close cost ~50 us of a ~250 us Get on an ext4 loop); ``close`` lets go of
+        close would be a large share of a Get); ``close`` lets go of
         it, since an open file under Home keeps a zfs dataset, or any Home that
         is a mount, busy."""
         fd = self._journal_fd

@@ -1,13 +1,13 @@
 """Shared pieces of the strata benchmarks (``bench_*.py``; never collected by pytest).
 
 * ``Workspace``: a unique ``/tmp/sb-<hex>/`` directory, optionally with an ext4
-  loop filesystem or a tmpfs mounted on it (host.md §9: the root fs is shared
+  loop filesystem or a tmpfs mounted on it (docs/host.md §6: the root fs is shared
   with other writers, so fs-bound numbers are taken on a loop fs); torn down by
   unmount, ``losetup -d`` of the device it attached, and ``rmtree``.
 * ``PluginServer``: ``python -m plugin serve`` with a unique name and socket,
   stopped by pid.
 * ``Client``: a blocking HTTP/1.1 client on the Unix socket that sends exactly
-  dockerd's headers (protocol.md §2.1) over one keep-alive connection, with a
+  dockerd's headers (docs/protocol.md §2.1) over one keep-alive connection, with a
   chunked ApplyDiff body in 32 KiB chunks (Go's ``io.Copy`` buffer size).
 * ``RssSampler``: peak RSS of a process *and its descendants* (the archive
   workers), from ``/proc/PID/status``; this kernel has no

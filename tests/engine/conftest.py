@@ -133,7 +133,7 @@ def overlay2(dockerd_bin: str) -> Iterator[harness.Dockerd]:
 
 
 #: Tests that check xattrs (user.test, security.capability) on the plugin's
-#: layers; zfs-fuse stores none (ENOTSUP even with xattr=on, host.md §3).
+#: layers; zfs-fuse stores none (ENOTSUP even with xattr=on, docs/host.md §3).
 NEEDS_XATTRS = {
     "test_run_sees_the_imported_tree",
     "test_diff_size_commit_and_driver_name",

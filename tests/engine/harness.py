@@ -220,7 +220,7 @@ class Dockerd:
 
     @property
     def home(self) -> Path:
-        """What dockerd passes as GraphDriver.Init Home (protocol.md §3)."""
+        """What dockerd passes as GraphDriver.Init Home (docs/protocol.md §3)."""
         return self.data_root / self.driver
 
     @property

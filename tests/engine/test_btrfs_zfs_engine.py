@@ -3,7 +3,7 @@
 * ``docker run --storage-opt size=…`` is enforced, a write past it fails
   *inside the container*: btrfs with a qgroup limit on the container's
   subvolume, zfs with the dataset's ``quota`` property (as Docker's drivers).
-* zfs-fuse keeps no xattrs (shared/reference/host.md §3): Status says so.
+* zfs-fuse keeps no xattrs (docs/host.md §3): Status says so.
 * Each layer really is a subvolume / a dataset of the Home's filesystem.
 """
 

@@ -43,7 +43,7 @@ def test_dockerd_gets_the_missing_feature_named(dockerd_bin: str, workdir: Path,
         with pytest.raises(harness.HarnessError, match="exited"):
             daemon.start(timeout=60)
         log = daemon.log_path.read_text(errors="replace")
-        # dockerd's own words, then strata's reason verbatim (protocol.md §2.5)
+        # dockerd's own words, then strata's reason verbatim (docs/protocol.md §2.5)
         assert "Failed to GetDriver graph" in log, log[-3000:]
         feature, evidence = MISSING[refused]
         reason = [line for line in log.splitlines() if "Failed to GetDriver graph" in line][-1]

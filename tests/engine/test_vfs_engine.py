@@ -5,7 +5,7 @@ Each test drives the docker CLI against a dockerd started with
 file contents and metadata inside containers, ``docker diff``/``ps -s``,
 commit, save/load against the in-tree overlay2 driver, a legacy build with
 whiteouts and an opaque directory, removal, and restarts of either process.
-The call sequences these exercise are listed in reference/protocol.md §7.
+The call sequences these exercise are listed in docs/protocol.md §7.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ sha256sum big.bin xattr
 cat owned_dir/inner
 """.strip()
 
-# Entries dockerd's init layer adds that are not mount points (protocol.md §7,
+# Entries dockerd's init layer adds that are not mount points (docs/protocol.md §7,
 # "docker run"): the rest (/etc/hosts, /dev/…) are mounted over and skipped.
 INIT_LAYER_FILES = {b"/.dockerenv", b"/etc/mtab"}
 MOUNTED_OVER = {b"/dev", b"/proc", b"/sys"}  # rootfs dirs the runtime mounts over
@@ -213,7 +213,7 @@ def test_diff_size_commit_and_driver_name(
             assert "etc/newfile" in names and "etc/victim" not in names and "fid/null" in names
             motd = tar.extractfile("etc/motd")
             assert motd is not None and motd.read() == b"changed\n"
-            # docker's exporter keeps only security.capability (protocol.md §6.3)
+            # docker's exporter keeps only security.capability (docs/protocol.md §6.3)
             cap = tar.getmember("fid/xattr").pax_headers.get("SCHILY.xattr.security.capability")
             assert (
                 cap is not None
@@ -394,7 +394,7 @@ def test_plugin_crash_and_restart_under_a_running_container(
     running(stack, "live", base_image)
     try:
         stack.docker("exec", "live", "/bin/sh", "-c", "echo before > /tmp/before")
-        # nested Get/Put on a mounted container (protocol.md §7, "docker cp / export")
+        # nested Get/Put on a mounted container (docs/protocol.md §7, "docker cp / export")
         stack.docker("cp", "live:/tmp/before", str(tmp_path / "copied"))
         assert (tmp_path / "copied").read_text() == "before\n"
 

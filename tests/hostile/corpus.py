@@ -420,7 +420,7 @@ CASES: list[Case] = [
          "err"),
     Case("hardlink_abs_decoy", lambda c: tar(hl("hl", f"{c.decoy}/etc/passwd")), "err"),
     # A link to a lower layer's file: docker's overlay2 unpacks into the upper dir
-    # only and fails the same way, and its own Diff never emits such links (§6.3).
+    # only and fails the same way, and its own Diff never emits such links (docs/protocol.md §6.3).
     Case("hardlink_abs_in_layer", lambda c: tar(hl("hl", "/etc/passwd")), "either",
          all_of(file_is("hl", PASSWD), same_inode("hl", "etc/passwd"))),
     Case("hardlink_missing_target", lambda c: tar(hl("hl", f"nope-{c.token}")), "err",

@@ -2,7 +2,7 @@
 
 The rule for every one of them: a JSON body with a non-empty ``Err`` and a 4xx
 status for bad input (never an empty 200, never a 5xx, never a dropped
-connection: dockerd would retry with an empty body, protocol §2.4), nothing
+connection: dockerd would retry with an empty body, docs/protocol.md §2.4), nothing
 created outside Home, and the server keeps serving afterwards.
 """
 

@@ -1,4 +1,4 @@
-"""changes() / changes_size() against docker's ChangesDirs semantics (protocol.md §6.6)."""
+"""changes() / changes_size() against docker's ChangesDirs semantics (docs/protocol.md §6.6)."""
 
 from __future__ import annotations
 

@@ -59,12 +59,6 @@ def make_tar(entries: list[Entry], fmt: int = tarfile.PAX_FORMAT) -> bytes:
     return buf.getvalue()
 
 
-def tar_names(data: bytes) -> list[str]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8",
-                      errors="surrogateescape") as tar:
-        return [m.name + ("/" if m.isdir() else "") for m in tar.getmembers()]
-
-
 def tar_members(data: bytes) -> list[tarfile.TarInfo]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8",
                       errors="surrogateescape") as tar:

@@ -1,4 +1,4 @@
-"""Whiteouts and opaque directories, aufs (vfs) and overlay forms (protocol.md §6.2)."""
+"""Whiteouts and opaque directories, aufs (vfs) and overlay forms (docs/protocol.md §6.2)."""
 
 from __future__ import annotations
 
