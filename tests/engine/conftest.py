@@ -23,7 +23,8 @@ from tests.engine import harness
 from tests.engine.harness import BASE_IMAGE, INTREE_DRIVER
 from tests.engine.rootfs import BUSYBOX, Rootfs, build_rootfs_tar
 
-BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]  # plugin backends to run the whole ring on
+# plugin backends to run the whole ring on
+BACKENDS = ["vfs", "overlay", "btrfs", "zfs", "fuse-overlayfs"]
 # dockerd 20.10 writes its trust key here on every start and has no flag to move it
 KEY_JSON = Path("/etc/docker/key.json")
 
@@ -64,6 +65,16 @@ def rootfs(dockerd_bin: str) -> Iterator[Rootfs]:
         yield build_rootfs_tar(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private /tmp/se-<random8>/, removed with what was left in it (by pid, mount)."""
+    path = harness.new_workdir()
+    try:
+        yield path
+    finally:
+        harness.remove_workdir(path)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
