@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,26 +31,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mounts import is_mounted, mounts_under
+from tests.support.procs import run, terminate_pid, wait_for
+
+__all__ = [
+    "LoopBtrfs", "ZfsPool", "backend_data_root", "btrfs_fs", "btrfs_unavailable", "home_for",
+    "loop_btrfs", "run", "zfs_fuse_pool", "zfs_pool", "zfs_retry_busy", "zfs_unavailable",
+]
+
 #: zfs-fuse answers a fresh unmount/mount/destroy with "busy" for ~2 s.
 ZFS_BUSY_RETRY_SECONDS = 30.0
-
-
-def run(*argv: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: "
-                           f"{result.stderr.strip() or result.stdout.strip()}")
-    return result
 
 
 def _missing_tools(*tools: str) -> str | None:
     missing = [t for t in tools if shutil.which(t) is None]
     return f"missing {', '.join(missing)}" if missing else None
-
-
-def _mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
 
 
 # ---- btrfs -------------------------------------------------------------------
@@ -106,13 +100,12 @@ def loop_btrfs(size: str = "2G", quota: bool = True) -> Iterator[LoopBtrfs]:
 
 def _teardown_btrfs(workdir: Path, mountpoint: Path, device: str) -> None:
     # Mounts a test left under the fs (none expected) go first, deepest first.
-    with open("/proc/self/mountinfo") as f:
-        under = [line.split()[4] for line in f
-                 if line.split()[4].startswith(str(mountpoint) + "/")]
-    for point in sorted(under, key=lambda p: p.count("/"), reverse=True):
+    for point in mounts_under(mountpoint, include_root=False):
         run("umount", "-l", point, check=False)
     for attempt in range(20):
-        if not _mounted(str(mountpoint)) or run("umount", str(mountpoint), check=False).returncode == 0:
+        if not is_mounted(str(mountpoint)):
+            break
+        if run("umount", str(mountpoint), check=False).returncode == 0:
             break
         time.sleep(0.25 * (attempt + 1))
     else:
@@ -136,7 +129,7 @@ class ZfsPool:
         mountpoint = self.workdir / "mnt" / name.split("/", 1)[1]
         mountpoint.mkdir(parents=True)
         run("zfs", "create", "-o", f"mountpoint={mountpoint}", name)
-        _wait_for(lambda: _mounted(str(mountpoint)), f"{name} to be mounted at {mountpoint}")
+        wait_for(lambda: is_mounted(str(mountpoint)), f"{name} to be mounted at {mountpoint}")
         return name, str(mountpoint)
 
     def destroy_dataset(self, name: str) -> None:
@@ -168,15 +161,6 @@ def zfs_retry_busy(*argv: str) -> None:
         delay = min(delay * 2, 1.0)
 
 
-def _wait_for(condition: object, what: str, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def _daemon_answers() -> bool:
     return run("zpool", "list", "-H", check=False, timeout=30).returncode == 0
 
@@ -198,9 +182,9 @@ def zfs_fuse_pool(size: str = "2G") -> Iterator[ZfsPool]:
             # zfs-fuse forks into the background and writes its pid; a stale
             # pidfile would make it exit 0 without starting (ours is fresh).
             run("zfs-fuse", "--no-kstat-mount", "-p", str(pidfile))
-            _wait_for(pidfile.exists, "the zfs-fuse pidfile")
+            wait_for(pidfile.exists, "the zfs-fuse pidfile")
             daemon_pid = int(pidfile.read_text().strip())
-            _wait_for(_daemon_answers, "zfs-fuse to answer zpool list")
+            wait_for(_daemon_answers, "zfs-fuse to answer zpool list")
         run("truncate", "-s", size, str(image))
         run("zpool", "create", "-f", "-m", "none", pool, str(image))
         created = True
@@ -218,7 +202,7 @@ def zfs_fuse_pool(size: str = "2G") -> Iterator[ZfsPool]:
             if not others:
                 for pid in {daemon_pid, *_orphaned_helper_daemons()} - {None}:
                     assert pid is not None
-                    _stop_pid(pid)
+                    terminate_pid(pid, timeout=15.0)
             shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -238,21 +222,6 @@ def _orphaned_helper_daemons() -> list[int]:
         if pidfile.parent.name.startswith("strata-zfs-") and not pidfile.parent.exists():
             found.append(int(entry.name))
     return found
-
-
-def _stop_pid(pid: int) -> None:
-    try:
-        os.kill(pid, 15)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, 9)
 
 
 # ---- fixtures ----------------------------------------------------------------

@@ -3,7 +3,7 @@
     python tests/bench/bench_protocol.py [--quick] [--fs loop|tmpfs|dir] [--only NAMES]
 
 Every number goes through the plugin's Unix socket with dockerd's request
-shape (see ``benchlib.Client``).  Each table pairs strata with a baseline
+shape (see ``tests.support.client.BlockingClient``).  Each table pairs strata with a baseline
 measured in the same run on the same data:
 
 * RPC round trips (Exists/Get/Put, p50/p99, one keep-alive connection) against
@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
-    Client,
+    BlockingClient,
     MiB,
     PluginServer,
     RssPeak,
@@ -58,6 +58,8 @@ from benchlib import (
     tree_layer,
     write_tar_file,
 )
+
+from tests.support.files import write_file
 
 BASELINE_SERVER = """
 import sys
@@ -119,18 +121,13 @@ def rss(peak: RssPeak) -> str:
 # helpers that fill a layer directly, as graphtest does through driver.Get
 
 
-def write_file(path: Path, data: bytes, mode: int = 0o755) -> None:
-    path.write_bytes(data)
-    os.chmod(path, mode)
-
-
 def add_files(root: Path, seed: int) -> None:
     """graphtest addFiles: file-a (64 B), dir-b/file-b (128 B), file-c (16 KiB)."""
     rnd = seed.to_bytes(8, "little") * 2048
-    write_file(root / "file-a", rnd[:64])
+    write_file(root / "file-a", rnd[:64], 0o755)
     (root / "dir-b").mkdir(mode=0o755, exist_ok=True)
-    write_file(root / "dir-b" / "file-b", rnd[:128])
-    write_file(root / "file-c", rnd[:128 * 128])
+    write_file(root / "dir-b" / "file-b", rnd[:128], 0o755)
+    write_file(root / "file-c", rnd[:128 * 128], 0o755)
 
 
 def add_many_files(root: Path, count: int, seed: int) -> None:
@@ -139,11 +136,12 @@ def add_many_files(root: Path, count: int, seed: int) -> None:
         d = root / f"directory-{i}"
         d.mkdir(mode=0o755, exist_ok=True)
         for j in range(min(100, count - i)):
-            write_file(d / f"file-{i + j}", (seed + i + j).to_bytes(8, "little") * 8)
+            write_file(d / f"file-{i + j}", (seed + i + j).to_bytes(8, "little") * 8, 0o755)
 
 
 class Bench:
-    def __init__(self, ws: Workspace, sizes: Sizes, server: PluginServer, client: Client) -> None:
+    def __init__(self, ws: Workspace, sizes: Sizes, server: PluginServer,
+                 client: BlockingClient) -> None:
         self.ws = ws
         self.sizes = sizes
         self.server = server
@@ -169,7 +167,7 @@ class Bench:
         """Exists/Get/Put against two bare ``{}`` servers, each through two clients.
 
         The servers: aiohttp's (what strata is built on) and Go's net/http (what a Go
-        plugin is built on). The clients: ``benchlib.Client`` (Python, blocking socket) and
+        plugin is built on). The clients: ``BlockingClient`` (Python, blocking socket) and
         ``gorpc call``, which is built the way dockerd's pkg/plugins client is (net/http
         Transport on the socket) and so measures what dockerd would see.
         """
@@ -189,7 +187,7 @@ class Bench:
                 deadline = time.monotonic() + 20
                 while not os.path.exists(sock) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                base = Client(sock)
+                base = BlockingClient(sock)
                 py = self._round_trips(partial(base.call, "GraphDriver.Exists", exists_body), n)
                 base.close()
                 go = self.go_round_trips(gorpc, sock, "GraphDriver.Exists", exists_body)
@@ -452,7 +450,7 @@ class Bench:
         add_many_files(self.layer_dir(lower), 100, 3)
         upper = self.new_layer(lower)
         add_many_files(self.layer_dir(upper), 100, 6)
-        second = Client(self.server.socket_path)
+        second = BlockingClient(self.server.socket_path)
         total = 0.0
         peak = RssPeak()
         for _ in range(it):

@@ -5,10 +5,11 @@
   with other writers, so fs-bound numbers are taken on a loop fs); torn down by
   unmount, ``losetup -d`` of the device it attached, and ``rmtree``.
 * ``PluginServer``: ``python -m plugin serve`` with a unique name and socket,
-  stopped by pid.
-* ``Client``: a blocking HTTP/1.1 client on the Unix socket that sends exactly
-  dockerd's headers (docs/protocol.md §2.1) over one keep-alive connection, with a
-  chunked ApplyDiff body in 32 KiB chunks (Go's ``io.Copy`` buffer size).
+  stopped by pid (``tests.support.plugin.Plugin``), Init'ed on a Home in the workspace.
+* ``BlockingClient`` (from ``tests.support.client``): a blocking HTTP/1.1 client on
+  the Unix socket that sends exactly dockerd's headers (docs/protocol.md §2.1) over one
+  keep-alive connection, with a chunked ApplyDiff body in 32 KiB chunks (Go's
+  ``io.Copy`` buffer size).
 * ``RssSampler``: peak RSS of a process *and its descendants* (the archive
   workers), from ``/proc/PID/status``; this kernel has no
   ``/proc/PID/task/TID/children``, so descendants are found by scanning ``/proc``.
@@ -25,30 +26,38 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+#: This checkout: where ``tests.support`` (the plugin launcher, the clients) comes from.
+TESTS_ROOT = Path(__file__).resolve().parents[2]
+if str(TESTS_ROOT) not in sys.path:
+    sys.path.insert(0, str(TESTS_ROOT))
+
+from tests.support.client import (  # noqa: E402
+    SEND_CHUNK,
+    BlockingClient,
+    PluginError,
+    rechunk,
+)
+from tests.support.files import new_layer_id  # noqa: E402
+from tests.support.plugin import Plugin, init_body  # noqa: E402
+from tests.support.procs import descendants, status_kib  # noqa: E402
+
+__all__ = ["BlockingClient", "PluginError", "descendants", "new_layer_id", "status_kib"]
+
 #: The tree whose plugin is measured; point STRATA_BENCH_REPO at another checkout (e.g.
 #: ``git archive HEAD``) to take before/after numbers with the same benchmark code.
-REPO_ROOT = Path(os.environ.get("STRATA_BENCH_REPO") or Path(__file__).resolve().parents[2])
+REPO_ROOT = Path(os.environ.get("STRATA_BENCH_REPO") or TESTS_ROOT)
 MiB = 1 << 20
 GiB = 1 << 30
-#: Go's io.Copy buffer: the size of each chunk dockerd writes to the ApplyDiff body.
-SEND_CHUNK = 32 << 10
-HEADERS = (b"Host: \r\nUser-Agent: Go-http-client/1.1\r\n"
-           b"Accept: application/vnd.docker.plugins.v1.2+json\r\n")
-
-
-def new_layer_id() -> str:
-    return secrets.token_hex(32)
 
 
 def log(msg: str) -> None:
@@ -78,7 +87,8 @@ class Workspace:
             if self.fs_kind == "loop":
                 self._mount_loop()
             elif self.fs_kind == "tmpfs":
-                _run(["mount", "-t", "tmpfs", "-o", f"size={self.size_gib}g", "sbench", str(self.fs)])
+                _run(["mount", "-t", "tmpfs", "-o", f"size={self.size_gib}g", "sbench",
+                      str(self.fs)])
                 self._mounted = True
         except BaseException:
             self.close()
@@ -88,7 +98,8 @@ class Workspace:
     def _mount_loop(self) -> None:
         with open(self._image, "wb") as f:
             f.truncate(self.size_gib * GiB)
-        self._loop = _run(["losetup", "--find", "--show", "--direct-io=on", str(self._image)]).strip()
+        self._loop = _run(["losetup", "--find", "--show", "--direct-io=on",
+                           str(self._image)]).strip()
         _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", self._loop])
         _run(["mount", "-t", "ext4", self._loop, str(self.fs)])
         self._mounted = True
@@ -129,278 +140,49 @@ def _run(argv: list[str]) -> str:
 
 
 class PluginServer:
-    """``python -m plugin serve --backend vfs`` on a socket inside ``ws``; Init'ed on start."""
+    """``python -m plugin serve --backend vfs`` on a socket inside ``ws``; Init'ed on start.
+
+    The process is ``tests.support.plugin.Plugin`` running the plugin of ``REPO_ROOT``."""
 
     def __init__(self, ws: Workspace, backend: str = "vfs", log_level: str = "info") -> None:
         tag = secrets.token_hex(4)
-        self.log_level = log_level
-        self.name = f"sbench-{tag}"
-        self.socket_path = str(ws.base / f"p-{tag}.sock")
-        self.state_dir = ws.base / f"state-{tag}"
         self.home = str(ws.fs / f"home-{tag}")
-        self.log_path = ws.base / f"plugin-{tag}.log"
-        self.backend = backend
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.plugin = Plugin(name=f"sbench-{tag}", backend=backend,
+                             state_dir=ws.base / f"state-{tag}",
+                             log_path=ws.base / f"plugin-{tag}.log",
+                             socket=ws.base / f"p-{tag}.sock", log_level=log_level,
+                             repo_root=REPO_ROOT)
 
-    def start(self, timeout: float = 30.0) -> Client:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-m", "plugin", "serve", "--name", self.name,
-                "--socket", self.socket_path, "--state-dir", str(self.state_dir),
-                "--backend", self.backend, "--log-level", self.log_level]
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"plugin exited {self.proc.returncode}: {self.log_tail()}")
-            if os.path.exists(self.socket_path):
-                with contextlib.suppress(OSError):
-                    client = Client(self.socket_path)
-                    client.call("Plugin.Activate", None)
-                    client.call("GraphDriver.Init", {"Home": self.home, "Opts": None,
-                                                     "UIDMaps": None, "GIDMaps": None})
-                    return client
-            time.sleep(0.05)
-        raise RuntimeError(f"plugin socket not ready: {self.log_tail()}")
+    @property
+    def socket_path(self) -> str:
+        return str(self.plugin.socket_path)
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self.plugin.pid
 
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+    def start(self, timeout: float = 30.0) -> BlockingClient:
+        self.plugin.start(timeout)
+        client = BlockingClient(self.socket_path)
+        client.call("Plugin.Activate", None)
+        client.call("GraphDriver.Init", init_body(self.home))
+        return client
 
     def stop(self) -> None:
-        if self.proc is None:
+        if self.plugin.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # Archive workers still alive (an interrupted run) are our descendants: kill by pid.
-        for pid in descendants(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc = None
-
-
-# ---------------------------------------------------------------------------
-# the dockerd-like client
-
-
-class PluginError(RuntimeError):
-    pass
-
-
-class Client:
-    """One keep-alive connection, dockerd's exact request shape."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(socket_path)
-        self.rfile = self.sock.makefile("rb", buffering=MiB)
-        # One read buffer for the connection's life: allocating 1 MiB per call cost ~11 us
-        # of every small round trip, on the client's side of the measurement.
-        self._view = memoryview(bytearray(MiB))
-
-    def close(self) -> None:
-        self.rfile.close()
-        self.sock.close()
-
-    # -- framing -------------------------------------------------------------
-    def _read_head(self) -> tuple[int, dict[str, str]]:
-        status_line = self.rfile.readline()
-        if not status_line:
-            raise PluginError("connection closed")
-        status = int(status_line.split()[1])
-        headers: dict[str, str] = {}
-        while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
-            key, _, value = line.decode("latin-1").partition(":")
-            headers[key.strip().lower()] = value.strip()
-        return status, headers
-
-    def _read_body(self, headers: dict[str, str],
-                   sink: Callable[[memoryview], None] | None = None) -> tuple[bytes, int]:
-        """The whole body (``sink`` None) or its length after passing it to ``sink``."""
-        kept = bytearray()
-        total = 0
-        view = self._view
-
-        def take(n: int) -> None:
-            nonlocal total
-            while n:
-                got = self.rfile.readinto(view[:min(n, len(view))])
-                if not got:
-                    raise PluginError("body cut short")
-                if sink is None:
-                    kept.extend(view[:got])
-                else:
-                    sink(view[:got])
-                total += got
-                n -= got
-
-        if "content-length" in headers:
-            take(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                take(size)
-                self.rfile.readline()
-        return bytes(kept), total
-
-    def _request_head(self, path: str, extra: str) -> bytes:
-        return f"POST /{path} HTTP/1.1\r\n".encode() + HEADERS + extra.encode() + b"\r\n"
-
-    # -- calls -----------------------------------------------------------------
-    def call(self, name: str, body: dict[str, Any] | None) -> dict[str, Any]:
-        payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode() + b"\n"
-        self.sock.sendall(self._request_head(name, f"Content-Length: {len(payload)}\r\n")
-                          + payload)
-        status, headers = self._read_head()
-        data, _ = self._read_body(headers)
-        reply: dict[str, Any] = json.loads(data) if data.strip() else {}
-        if status != 200 or reply.get("Err"):
-            raise PluginError(f"{name}: HTTP {status}: {reply.get('Err', data[:200])}")
-        return reply
-
-    def create(self, layer_id: str, parent: str = "", rw: bool = False) -> None:
-        body: dict[str, Any] = {"ID": layer_id, **({"Parent": parent} if parent else {})}
-        self.call("GraphDriver.CreateReadWrite" if rw else "GraphDriver.Create", body)
-
-    def get(self, layer_id: str) -> str:
-        return str(self.call("GraphDriver.Get", {"ID": layer_id})["Dir"])
-
-    def put(self, layer_id: str) -> None:
-        self.call("GraphDriver.Put", {"ID": layer_id})
-
-    def remove(self, layer_id: str) -> None:
-        self.call("GraphDriver.Remove", {"ID": layer_id})
-
-    def changes(self, layer_id: str, parent: str) -> list[dict[str, Any]]:
-        body = {"ID": layer_id, **({"Parent": parent} if parent else {})}
-        return list(self.call("GraphDriver.Changes", body)["Changes"])
-
-    def diff_size(self, layer_id: str, parent: str) -> int:
-        body = {"ID": layer_id, **({"Parent": parent} if parent else {})}
-        return int(self.call("GraphDriver.DiffSize", body)["Size"])
-
-    def apply_diff(self, layer_id: str, parent: str, chunks: Iterable[bytes | memoryview]) -> int:
-        head = self._request_head(f"GraphDriver.ApplyDiff?id={layer_id}&parent={parent}",
-                                  "Transfer-Encoding: chunked\r\n")
-        self.sock.sendall(head)
-        for chunk in _rechunk(chunks, SEND_CHUNK):
-            self.sock.sendmsg([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
-        self.sock.sendall(b"0\r\n\r\n")
-        status, headers = self._read_head()
-        data, _ = self._read_body(headers)
-        reply = json.loads(data)
-        if status != 200 or reply.get("Err"):
-            raise PluginError(f"ApplyDiff: HTTP {status}: {reply.get('Err')}")
-        return int(reply["Size"])
-
-    def _start_diff(self, layer_id: str, parent: str) -> dict[str, str]:
-        body = {"ID": layer_id, **({"Parent": parent} if parent else {})}
-        payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-        self.sock.sendall(self._request_head("GraphDriver.Diff",
-                                             f"Content-Length: {len(payload)}\r\n") + payload)
-        status, headers = self._read_head()
-        if status != 200:
-            data, _ = self._read_body(headers)
-            raise PluginError(f"Diff: HTTP {status}: {data[:200]!r}")
-        return headers
-
-    def diff(self, layer_id: str, parent: str = "") -> int:
-        """Stream the Diff into nothing; return its byte count."""
-        headers = self._start_diff(layer_id, parent)
-        _, total = self._read_body(headers, sink=lambda _view: None)
-        return total
-
-    def diff_stream(self, layer_id: str, parent: str = "") -> Iterator[bytes]:
-        """The Diff body as it arrives (to pipe it into an ApplyDiff on another Client)."""
-        headers = self._start_diff(layer_id, parent)
-        yield from self._body_chunks(headers)
-
-    def _body_chunks(self, headers: dict[str, str]) -> Iterator[bytes]:
-        def chunks_of(n: int) -> Iterator[bytes]:
-            while n:
-                data = self.rfile.read1(min(n, MiB))  # type: ignore[attr-defined]
-                if not data:
-                    raise PluginError("body cut short")
-                n -= len(data)
-                yield data
-
-        if "content-length" in headers:
-            yield from chunks_of(int(headers["content-length"]))
-            return
-        while True:
-            size = int(self.rfile.readline().split(b";")[0], 16)
-            if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                return
-            yield from chunks_of(size)
-            self.rfile.readline()
-
-
-def _rechunk(chunks: Iterable[bytes | memoryview], size: int) -> Iterator[memoryview]:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        for i in range(0, len(view), size):
-            yield view[i:i + size]
+        pid = self.plugin.pid
+        try:
+            self.plugin.stop(timeout=10)
+        finally:
+            # Archive workers still alive (an interrupted run) are our descendants: kill by pid.
+            for child in descendants(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------
 # RSS of a process tree
-
-
-def _ppid_map() -> dict[int, int]:
-    out: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                out[int(entry.name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
-def descendants(root: int) -> list[int]:
-    ppid = _ppid_map()
-    found: list[int] = []
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, pp in ppid.items() if pp == parent]
-        found.extend(kids)
-        frontier.extend(kids)
-    return found
-
-
-def status_kib(pid: int, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(key.encode() + b":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass
@@ -419,8 +201,8 @@ class RssPeak:
 #: plugin, so sampled runs of strata were slower than the unsampled baselines.
 _SAMPLER = r"""
 import json, os, select, sys
-sys.path.insert(0, os.environ["BENCHLIB_DIR"])
-from benchlib import descendants, status_kib
+sys.path.insert(0, os.environ["STRATA_TESTS_ROOT"])
+from tests.support.procs import descendants, status_kib
 pid, interval = int(sys.argv[1]), float(sys.argv[2])
 child = total = 0.0
 def sample():
@@ -454,7 +236,7 @@ class RssSampler:
         # Writing 5 to clear_refs resets VmHWM, so the window's own peak is measured.
         with contextlib.suppress(OSError), open(f"/proc/{self.pid}/clear_refs", "w") as f:
             f.write("5")
-        env = dict(os.environ, BENCHLIB_DIR=str(Path(__file__).resolve().parent))
+        env = dict(os.environ, STRATA_TESTS_ROOT=str(TESTS_ROOT))
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _SAMPLER, str(self.pid), str(self.interval)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -621,7 +403,7 @@ def gnu_tar_extract(chunks: Iterable[bytes | memoryview], dest: Path,
     assert proc.stdin is not None
     sampler = RssSampler(proc.pid) if sample else None
     with sampler if sampler is not None else contextlib.nullcontext():
-        for chunk in _rechunk(chunks, SEND_CHUNK):
+        for chunk in rechunk(chunks, SEND_CHUNK):
             proc.stdin.write(chunk)
         proc.stdin.close()
         rc = proc.wait()

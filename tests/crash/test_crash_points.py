@@ -7,11 +7,7 @@ earlier layer is byte-identical.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import secrets
-import shutil
-import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,20 +15,12 @@ import pytest
 
 from plugin.driver import registry
 from tests.backends import home_for
-from tests.engine.harness import Plugin
-from tests.protocol.client import DockerLikeClient, PluginError
+from tests.support.client import DockerLikeClient, PluginError
+from tests.support.files import layer_tar
+from tests.support.plugin import Plugin, init_body, unique_name
+from tests.support.workdir import new_workdir, remove_workdir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the plugin needs root (chroot, chown)")
-
-
-def layer_tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -58,7 +46,7 @@ class Rig:
     def __init__(self, workdir: Path, backend: str, home: Path) -> None:
         self.workdir = workdir
         self.home = home
-        self.plugin = Plugin(name=f"strata-c{secrets.token_hex(3)}", backend=backend,
+        self.plugin = Plugin(name=unique_name("strata-c"), backend=backend,
                              state_dir=workdir / "state", log_path=workdir / "plugin.log")
         self.client: DockerLikeClient | None = None
 
@@ -70,13 +58,6 @@ class Rig:
         self.client = DockerLikeClient(str(self.plugin.socket_path))
         return self.client
 
-    def crashed(self) -> bool:
-        proc = self.plugin.proc
-        assert proc is not None
-        proc.wait(20)
-        self.plugin.proc = None
-        return proc.returncode == -9
-
     def debris(self) -> list[str]:
         return sorted(os.listdir(self.home / "staging")) + sorted(os.listdir(self.home / "trash"))
 
@@ -87,8 +68,7 @@ class Rig:
 @pytest.fixture(params=BACKENDS)
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     backend: str = request.param
-    workdir = Path(f"/tmp/sc-{secrets.token_hex(4)}")
-    workdir.mkdir()
+    workdir = new_workdir("sc")
     try:
         # btrfs and zfs need Home on their own filesystem (tests/backends.py)
         home = Path(home_for(request, backend, str(workdir))) / "home"
@@ -96,14 +76,13 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         async for ready in _started(r):
             yield ready
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_workdir(workdir)
 
 
 async def _started(r: Rig) -> AsyncIterator[Rig]:
     client = await r.start()
     try:
-        await client.call("GraphDriver.Init", {"Home": str(r.home), "Opts": None,
-                                               "UIDMaps": None, "GIDMaps": None})
+        await client.call("GraphDriver.Init", init_body(r.home))
     except PluginError as e:
         await client.close()
         r.plugin.close()
@@ -132,7 +111,7 @@ async def crash_during(r: Rig, point: str, call: str) -> None:
             await client.apply_diff("child", "base", big)
         elif call == "remove":
             await client.remove("base")
-    assert r.crashed(), f"the plugin did not die at {point}"
+    assert r.plugin.crashed(), f"the plugin did not die at {point}"
     await r.start()
     if call != "remove":
         assert snapshot(r.home / "layers/base/root") == base_before

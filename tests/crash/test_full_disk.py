@@ -4,26 +4,20 @@ arrives, give the space back, and later calls work."""
 
 from __future__ import annotations
 
-import io
 import os
-import secrets
-import shutil
-import subprocess
-import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.engine.harness import Plugin
-from tests.protocol.client import DockerLikeClient, PluginError
+from tests.support.client import DockerLikeClient, PluginError
+from tests.support.files import layer_tar
+from tests.support.plugin import Plugin, init_body, unique_name
+from tests.support.procs import run
+from tests.support.workdir import new_workdir, remove_workdir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for loop devices")
 BACKENDS = ["vfs", "overlay"]
-
-
-def run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def free_bytes(path: Path) -> int:
@@ -31,14 +25,9 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def tar_of(files: dict[str, int]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, size in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = size
-            tf.addfile(info, io.BytesIO(os.urandom(size)))
-    return buf.getvalue()
+def tar_of(sizes: dict[str, int]) -> bytes:
+    """A layer of files of these sizes, of random (incompressible) bytes."""
+    return layer_tar({name: os.urandom(size) for name, size in sizes.items()})
 
 
 def fill_up(path: str) -> None:
@@ -53,11 +42,11 @@ def fill_up(path: str) -> None:
 @pytest.fixture
 async def small_disk() -> AsyncIterator[Path]:
     """A 64 MiB ext4 on a loop device (losetup --find: never a fixed /dev/loopN)."""
-    work = Path(f"/tmp/sf-{secrets.token_hex(4)}")
-    (work / "mnt").mkdir(parents=True)
+    work = new_workdir("sf")
+    (work / "mnt").mkdir()
     image = work / "disk.img"
     run("truncate", "-s", "64M", str(image))
-    device = run("losetup", "--find", "--show", str(image))
+    device = run("losetup", "--find", "--show", str(image)).stdout.strip()
     try:
         run("mkfs.ext4", "-q", "-F", "-m", "0", device)
         run("mount", device, str(work / "mnt"))
@@ -67,22 +56,21 @@ async def small_disk() -> AsyncIterator[Path]:
             run("umount", str(work / "mnt"))
     finally:
         run("losetup", "-d", device)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_workdir(work)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_enospc_is_clean_and_space_comes_back(small_disk: Path, backend: str) -> None:
     home = small_disk / "mnt" / "home"
-    plugin = Plugin(name=f"strata-f{secrets.token_hex(3)}", backend=backend,
+    plugin = Plugin(name=unique_name("strata-f"), backend=backend,
                     state_dir=small_disk / "state", log_path=small_disk / "plugin.log")
     plugin.start()
     c = DockerLikeClient(str(plugin.socket_path))
     try:
         try:
-            await c.call("GraphDriver.Init", {"Home": str(home), "Opts": None,
-                                              "UIDMaps": None, "GIDMaps": None})
-        except PluginError as e:
-            pytest.skip(f"backend {backend} cannot run on this ext4: {e.err}")
+            await c.call("GraphDriver.Init", init_body(home))
+        except PluginError as refused:
+            pytest.skip(f"backend {backend} cannot run on this ext4: {refused.err}")
         await c.create("base")
         await c.apply_diff("base", "", tar_of({"small": 1 << 20}))
         before = free_bytes(home)

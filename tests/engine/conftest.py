@@ -68,6 +68,16 @@ def rootfs(dockerd_bin: str) -> Iterator[Rootfs]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private /tmp/se-<random8>/, removed with what was left in it (by pid, mount)."""
+    path = harness.new_workdir()
+    try:
+        yield path
+    finally:
+        harness.remove_workdir(path)
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

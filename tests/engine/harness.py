@@ -20,28 +20,41 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import signal
-import socket
-import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The process, mount and plugin helpers live in tests.support; these names stay
+# importable from here for the engine tests.
+from tests.support.mounts import mount_points, mounts_under, unmount_all_under
+from tests.support.plugin import PLUGIN_SOCKET_DIR, REPO_ROOT, Plugin
+from tests.support.procs import (
+    HarnessError,
+    children_of,
+    pids_naming,
+    spawn_logged,
+    stop_child,
+    tail,
+    terminate_pid,
+    wait_pid_gone,
+)
+from tests.support.workdir import keep_logs, new_workdir, remove_workdir
+
+__all__ = [
+    "BASE_IMAGE", "DOCKERD_CANDIDATES", "DOCKER_CLI", "INTREE_DRIVER", "PLUGIN_SOCKET_DIR",
+    "REPO_ROOT", "Dockerd", "HarnessError", "Plugin", "Stack", "bind_private", "children_of",
+    "find_dockerd", "keep_logs", "mount_points", "mounts_under", "new_workdir", "pids_naming",
+    "remove_workdir", "start_intree", "start_stack", "tail", "terminate_pid",
+    "unmount_all_under", "wait_pid_gone",
+]
+
 DOCKER_CLI = "/usr/bin/docker"  # /usr/local/bin/docker is CLI 28, first in PATH
 DOCKERD_CANDIDATES = ("/usr/bin/dockerd", "/usr/sbin/dockerd")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PLUGIN_SOCKET_DIR = Path("/run/docker/plugins")  # hard-coded in dockerd's legacy lookup
 # harness validation: run the ring on this in-tree driver (vfs, overlay2) instead of the plugin
 INTREE_DRIVER = os.environ.get("STRATA_ENGINE_INTREE") or None
 BASE_IMAGE = "strata-test/base:1"
-
-
-class HarnessError(AssertionError):
-    """A harness step failed; the message carries the logs needed to see why."""
 
 
 def find_dockerd() -> str | None:
@@ -49,141 +62,6 @@ def find_dockerd() -> str | None:
         if os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def new_workdir(prefix: str = "se") -> Path:
-    path = Path("/tmp") / f"{prefix}-{secrets.token_hex(4)}"
-    path.mkdir(mode=0o700)
-    return path
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"<{path} does not exist>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-# ---------------------------------------------------------------------------
-# processes and mounts
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # a zombie still answers kill(0); it is gone for our purposes
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def wait_pid_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    return not _pid_alive(pid)
-
-
-def terminate_pid(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM, wait, SIGKILL: the only way this harness ends a process."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        if wait_pid_gone(pid, wait):
-            return
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def pids_naming(path: Path) -> list[int]:
-    """Processes whose command line contains ``path`` (a unique random dir)."""
-    needle = os.fsencode(str(path))
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if needle in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def _unescape_mountinfo(field_text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal
-    out, i = [], 0
-    while i < len(field_text):
-        if field_text[i] == "\\" and field_text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_text[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    with open(mountinfo) as f:
-        return [_unescape_mountinfo(line.split()[4]) for line in f]
-
-
-def mounts_under(root: Path) -> list[str]:
-    prefix = str(root)
-    return [m for m in mount_points() if m == prefix or m.startswith(prefix + "/")]
-
-
-def unmount_all_under(root: Path) -> None:
-    for _ in range(5):  # a lazy unmount of a parent can reveal nothing new, but be sure
-        found = mounts_under(root)
-        if not found:
-            return
-        for point in sorted(set(found), key=lambda p: p.count("/"), reverse=True):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    left = mounts_under(root)
-    if left:
-        raise HarnessError(f"could not unmount under {root}: {left}")
-
-
-def keep_logs(root: Path) -> None:
-    """Copy ``root/*.log`` to $STRATA_ENGINE_KEEP_LOGS/<root name>/ when that is set."""
-    keep = os.environ.get("STRATA_ENGINE_KEEP_LOGS")
-    if not keep:
-        return
-    dest = Path(keep) / root.name
-    dest.mkdir(parents=True, exist_ok=True)
-    for log in root.glob("*.log"):
-        shutil.copy2(log, dest / log.name)
-
-
-def remove_workdir(root: Path) -> None:
-    """Kill leftovers naming ``root``, unmount under it, remove it."""
-    keep_logs(root)
-    for pid in pids_naming(root):
-        terminate_pid(pid, timeout=10.0)
-    unmount_all_under(root)
-    shutil.rmtree(root, ignore_errors=True)
-    if root.exists():
-        raise HarnessError(f"could not remove {root}")
 
 
 # ---------------------------------------------------------------------------
@@ -258,17 +136,7 @@ class Dockerd:
     def start(self, timeout: float = 60.0) -> None:
         (self.workdir / "daemon.json").write_text("{}\n")
         (self.workdir / "cli").mkdir(exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== harness: start {' '.join(self.argv())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
+        self.proc = spawn_logged(self.argv(), self.log_path, self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -319,13 +187,7 @@ class Dockerd:
         if self.proc is None:
             return
         self.containerd_pids.update(self._containerd_children())
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_child(self.proc, timeout)
         self.proc = None
         # dockerd stops the containerd it supervises on a clean exit; make sure
         for pid in sorted(self.containerd_pids):
@@ -390,126 +252,6 @@ class Dockerd:
         parts = [f"--- dockerd log ({self.log_path}), tail\n{tail(self.log_path)}"]
         parts += [describe() for describe in self.extra_logs]
         return "\n".join(parts)
-
-
-# ---------------------------------------------------------------------------
-# the strata plugin process
-
-
-@dataclass
-class Plugin:
-    """``python -m plugin serve`` as dockerd finds it: /run/docker/plugins/NAME.sock."""
-
-    name: str
-    backend: str
-    state_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def socket_path(self) -> Path:
-        return PLUGIN_SOCKET_DIR / f"{self.name}.sock"
-
-    def argv(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "plugin",
-            "serve",
-            "--name",
-            self.name,
-            "--socket",
-            str(self.socket_path),
-            "--state-dir",
-            str(self.state_dir),
-            "--backend",
-            self.backend,
-            "--log-level",
-            "debug",
-        ]
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env.update(self.extra_env)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n===== harness: start {' '.join(self.argv())}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HarnessError(
-                    f"plugin exited with {self.proc.returncode} during start-up\n"
-                    + self.diagnostics()
-                )
-            if self._accepts_connections():
-                return
-            time.sleep(0.1)
-        raise HarnessError(
-            f"plugin socket {self.socket_path} not accepting within {timeout}s\n"
-            + self.diagnostics()
-        )
-
-    def _accepts_connections(self) -> bool:
-        # a stale socket file left by kill -9 exists but refuses connections
-        try:
-            if not stat.S_ISSOCK(self.socket_path.lstat().st_mode):
-                return False
-        except FileNotFoundError:
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(2.0)
-            try:
-                probe.connect(str(self.socket_path))
-            except OSError:
-                return False
-        return True
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM by pid; returns the exit status (None if it was not running)."""
-        if self.proc is None:
-            return None
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                raise HarnessError(f"plugin ignored SIGTERM for {timeout}s\n" + self.diagnostics())
-        return proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL by pid: a crash, no chance to clean up."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        proc.kill()
-        proc.wait(10)
-
-    def restart(self, hard: bool = False) -> None:
-        self.kill() if hard else self.stop()
-        self.start()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            self.socket_path.unlink(missing_ok=True)
-
-    def diagnostics(self) -> str:
-        return f"--- plugin log ({self.log_path}), tail\n{tail(self.log_path, 80)}"
 
 
 # ---------------------------------------------------------------------------

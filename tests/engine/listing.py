@@ -8,13 +8,15 @@ or with the directory the test image was built from.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable
 from typing import cast
 
-from tests.engine.harness import Dockerd, HarnessError, mount_points
+from tests.engine.harness import Dockerd
+from tests.support.files import sha256_file, xattr_pairs
+from tests.support.mounts import mount_points
+from tests.support.procs import HarnessError
 
 
 def container_pid(dockerd: Dockerd, container: str) -> int:
@@ -22,22 +24,6 @@ def container_pid(dockerd: Dockerd, container: str) -> int:
     if pid <= 0:
         raise HarnessError(f"container {container} is not running (pid {pid})")
     return pid
-
-
-def _xattrs(path: bytes) -> tuple[tuple[str, bytes], ...]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return ()
-    return tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names))
-
-
-def _sha256(path: bytes) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tree_listing(root: bytes, skip: Iterable[bytes] = ()) -> dict[bytes, dict[str, object]]:
@@ -74,10 +60,10 @@ def tree_listing(root: bytes, skip: Iterable[bytes] = ()) -> dict[bytes, dict[st
             "mode": oct(st.st_mode),
             "uid": st.st_uid,
             "gid": st.st_gid,
-            "xattrs": _xattrs(full),
+            "xattrs": xattr_pairs(full),
         }
         if stat.S_ISREG(st.st_mode):
-            item.update(size=st.st_size, sha256=_sha256(full), mtime=int(st.st_mtime))
+            item.update(size=st.st_size, sha256=sha256_file(full), mtime=int(st.st_mtime))
         elif stat.S_ISLNK(st.st_mode):
             item["target"] = os.readlink(full)
         elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):

@@ -12,51 +12,20 @@
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.engine import harness
 from tests.engine.rootfs import Rootfs
+from tests.support.plugin import plugin_env, unique_name
+from tests.support.procs import cmdline, wait_for
 
 SOCKET_ACTIVATE = "/usr/bin/systemd-socket-activate"
-
-
-def _plugin_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(harness.REPO_ROOT),
-                                                      env.get("PYTHONPATH")]))
-    return env
-
-
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = harness.new_workdir("sa")
-    try:
-        yield path
-    finally:
-        harness.remove_workdir(path)
 
 
 def _smoke(daemon: harness.Dockerd, rootfs: Rootfs) -> None:
@@ -70,7 +39,7 @@ def test_first_dockerd_connection_starts_strata(dockerd_bin: str, rootfs: Rootfs
                                                 workdir: Path) -> None:
     if not os.access(SOCKET_ACTIVATE, os.X_OK):
         pytest.skip(f"{SOCKET_ACTIVATE} missing (Debian package systemd)")
-    name = f"strata-a{secrets.token_hex(3)}"
+    name = unique_name("strata-a")
     sock = harness.PLUGIN_SOCKET_DIR / f"{name}.sock"
     log_path = workdir / "plugin.log"
     harness.PLUGIN_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
@@ -80,16 +49,16 @@ def test_first_dockerd_connection_starts_strata(dockerd_bin: str, rootfs: Rootfs
              sys.executable, "-m", "plugin", "serve", "--name", name, "--backend", "vfs",
              "--state-dir", str(workdir / "state"), "--log-level", "debug"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=_plugin_env(), cwd=harness.REPO_ROOT, start_new_session=True)
+            env=plugin_env(), cwd=harness.REPO_ROOT, start_new_session=True)
     daemon = harness.Dockerd(driver=name, workdir=workdir / "d", dockerd_bin=dockerd_bin)
     daemon.workdir.mkdir()
     try:
-        _wait_for(sock.exists, 20, f"{sock} bound by systemd-socket-activate")
+        wait_for(sock.exists, f"{sock} bound by systemd-socket-activate", timeout=20)
         # Nothing has connected yet: the activator still waits, strata is not running.
-        assert _cmdline(activator.pid)[0].endswith("systemd-socket-activate")
+        assert cmdline(activator.pid)[0].endswith("systemd-socket-activate")
         daemon.start()
         # dockerd's Activate made the activator exec strata in the same pid.
-        assert _cmdline(activator.pid)[1:4] == ["-m", "plugin", "serve"]
+        assert cmdline(activator.pid)[1:4] == ["-m", "plugin", "serve"]
         _smoke(daemon, rootfs)
         log_text = log_path.read_text(errors="replace")
         assert "passed by the service manager" in log_text, log_text[-2000:]
@@ -106,7 +75,7 @@ def test_first_dockerd_connection_starts_strata(dockerd_bin: str, rootfs: Rootfs
 
 def test_install_start_serves_dockerd_and_uninstall_stops_it(dockerd_bin: str, rootfs: Rootfs,
                                                              workdir: Path) -> None:
-    name = f"strata-i{secrets.token_hex(3)}"
+    name = unique_name("strata-i")
     spec_dir, unit_dir = workdir / "plugins", workdir / "units"
     common = ["--name", name, "--spec-dir", str(spec_dir), "--unit-dir", str(unit_dir)]
     state_dir = Path("/var/lib/strata") / name
@@ -115,7 +84,7 @@ def test_install_start_serves_dockerd_and_uninstall_stops_it(dockerd_bin: str, r
 
     def strata(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "plugin", *args], capture_output=True,
-                              text=True, env=_plugin_env(), cwd=harness.REPO_ROOT, timeout=60,
+                              text=True, env=plugin_env(), cwd=harness.REPO_ROOT, timeout=60,
                               check=False)
 
     daemon = harness.Dockerd(driver=name, workdir=workdir / "d", dockerd_bin=dockerd_bin)
@@ -127,7 +96,7 @@ def test_install_start_serves_dockerd_and_uninstall_stops_it(dockerd_bin: str, r
         assert spec.read_text() == f"unix:///run/docker/plugins/{name}.sock\n"
         assert (unit_dir / f"{name}.socket").exists() and (unit_dir / f"{name}.service").exists()
         pid = int(pid_file.read_text())
-        assert _cmdline(pid)[1:4] == ["-m", "plugin", "serve"]
+        assert cmdline(pid)[1:4] == ["-m", "plugin", "serve"]
         sock = harness.PLUGIN_SOCKET_DIR / f"{name}.sock"
         assert oct(sock.stat().st_mode & 0o777) == "0o600"
         daemon.start()
@@ -135,7 +104,7 @@ def test_install_start_serves_dockerd_and_uninstall_stops_it(dockerd_bin: str, r
         daemon.stop()
         done = strata("uninstall", *common)
         assert done.returncode == 0, done.stdout + done.stderr
-        _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, "strata to exit")
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "strata to exit", timeout=20)
         assert not spec.exists() and not sock.exists() and not pid_file.exists()
         assert not (unit_dir / f"{name}.socket").exists()
     finally:

@@ -12,13 +12,13 @@ import sys
 import pytest
 
 from tests.engine import harness
-from tests.protocol.client import DockerLikeClient
+from tests.support.client import DockerLikeClient
+from tests.support.plugin import plugin_env
 
 
 def fsck(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(harness.REPO_ROOT))
     return subprocess.run([sys.executable, "-m", "plugin", "fsck", *args], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+                          text=True, env=plugin_env(), timeout=120, check=False)
 
 
 async def plant_orphan(socket_path: str, layer: str) -> None:

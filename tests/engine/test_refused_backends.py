@@ -4,26 +4,17 @@ and its log carries strata's reason, naming the kernel feature this host lacks."
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.engine import harness
+from tests.support.plugin import unique_name
 
 MISSING = {
     "devicemapper": ("device-mapper", "/dev/mapper/control"),
     "aufs": ("aufs", "/proc/filesystems"),
 }
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = harness.new_workdir("sr")
-    try:
-        yield path
-    finally:
-        harness.remove_workdir(path)
 
 
 @pytest.mark.parametrize("refused", sorted(MISSING))
@@ -34,7 +25,7 @@ def test_dockerd_gets_the_missing_feature_named(dockerd_bin: str, workdir: Path,
     with open("/proc/filesystems") as f:
         if refused == "aufs" and "aufs" in f.read().split():
             pytest.skip("this host has aufs")
-    plugin = harness.Plugin(name=f"strata-r{os.urandom(3).hex()}", backend=refused,
+    plugin = harness.Plugin(name=unique_name("strata-r"), backend=refused,
                             state_dir=workdir / "state", log_path=workdir / "plugin.log")
     plugin.start()
     daemon = harness.Dockerd(driver=plugin.name, workdir=workdir / "d", dockerd_bin=dockerd_bin)

@@ -15,16 +15,14 @@ from pathlib import Path
 
 from plugin.state.refcount import read_counts
 from tests.engine import harness
+from tests.support.files import write_layer_tar
+from tests.support.plugin import plugin_env
 
 CONTAINERS = 3
 
 
 def big_layer(path: Path, files: int = 40, size: int = 4 << 20) -> None:
-    with tarfile.open(path, "w") as tf:
-        for i in range(files):
-            info = tarfile.TarInfo(f"data/f{i}")
-            info.size = size
-            tf.addfile(info, io.BytesIO(os.urandom(size)))
+    write_layer_tar(path, ((f"data/f{i}", os.urandom(size)) for i in range(files)))
 
 
 def refcounts(home: Path) -> dict[str, int]:
@@ -82,8 +80,7 @@ def test_restart_while_containers_run_and_an_import_streams(
         for name in names:
             stack.docker("rm", "-f", name, check=False)
     assert refcounts(home) == {}
-    env = dict(os.environ, PYTHONPATH=str(harness.REPO_ROOT))
     fsck = subprocess.run([sys.executable, "-m", "plugin", "fsck", "--home", str(home)],
-                          capture_output=True, text=True, env=env, check=False)
+                          capture_output=True, text=True, env=plugin_env(), check=False)
     assert fsck.returncode == 0 and "clean" in fsck.stdout, fsck.stdout
     stack.docker("rmi", "load:big")

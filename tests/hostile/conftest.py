@@ -3,7 +3,6 @@ and adds the decoys, the snapshots and the end-of-run tally the README quotes.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import stat
@@ -14,6 +13,8 @@ import pytest
 
 # The protocol ring's fixtures (plugin, backend and whatever those need), as they evolve.
 from tests.protocol.conftest import *
+from tests.support.files import sha256_file, xattr_pairs
+from tests.support.procs import ppid_map
 
 TALLY_KEY = pytest.StashKey[Counter[str]]()
 
@@ -93,20 +94,11 @@ def _entry_state(path: bytes) -> tuple[object, ...]:
     st = os.lstat(path)
     content: object = None
     if stat.S_ISREG(st.st_mode):
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        content = digest.hexdigest()
+        content = sha256_file(path)
     elif stat.S_ISLNK(st.st_mode):
         content = os.readlink(path)
-    try:
-        names = sorted(os.listxattr(path, follow_symlinks=False))
-        xattrs = tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
-    except OSError:
-        xattrs = ()
     return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-            st.st_ino, st.st_nlink, st.st_rdev, content, xattrs)
+            st.st_ino, st.st_nlink, st.st_rdev, content, xattr_pairs(path))
 
 
 def snapshot_diff(before: Snapshot, after: Snapshot) -> list[str]:
@@ -132,15 +124,11 @@ def kill_extractors() -> list[int]:
     archive zygote (same command line, parent is the zygote); the zygote itself
     is left alone."""
     procs: dict[int, tuple[int, bytes]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid, ppid in ppid_map().items():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                procs[int(entry)] = (ppid, fh.read())
-        except (OSError, ValueError, IndexError):
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                procs[pid] = (ppid, fh.read())
+        except OSError:
             continue
 
     def mine(pid: int) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -24,8 +23,9 @@ from yarl import URL
 from plugin.errors import InvalidArgument
 from plugin.state.layers import validate_id
 from tests.hostile import corpus
-from tests.protocol.client import HEADERS
-from tests.protocol.conftest import PluginUnderTest
+from tests.support.client import HEADERS
+from tests.support.files import new_layer_id, read_file, write_file
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
 
@@ -53,20 +53,6 @@ BAD_IDS = ["", "/", ".", "..", "../x", "x/..", "a/b", "/abs", "a\x00b", "\x00", 
            "y" * 5000, " ", "a b", "-lead", ".hidden", "a\nb", "é", "..a", "a..b", "%2e%2e"]
 
 
-def new_id() -> str:
-    return uuid.uuid4().hex + uuid.uuid4().hex
-
-
-def write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
 def encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
@@ -85,7 +71,7 @@ def assert_clean_err(op: str, status: int, data: bytes) -> str:
 
 
 async def assert_alive(plugin: PluginUnderTest) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer)
     assert await plugin.client.exists(layer)
     await plugin.client.remove(layer)
@@ -178,7 +164,7 @@ async def test_empty_body(plugin: PluginUnderTest, op: str, tally: Counter[str])
 
 
 async def test_apply_diff_empty_body(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer)
     status, data = await apply_raw(plugin, f"id={layer}&parent=", b"")
     count(tally, status)
@@ -239,11 +225,11 @@ async def test_invalid_ids(plugin: PluginUnderTest, op: str, tally: Counter[str]
 
 @pytest.mark.parametrize("op", [op for op, fields in ID_ENDPOINTS.items() if "Parent" in fields])
 async def test_invalid_parents(plugin: PluginUnderTest, op: str, tally: Counter[str]) -> None:
-    existing = new_id()
+    existing = new_layer_id()
     await plugin.client.create(existing)
     before_layers = layer_names(plugin)
     for bad in [b for b in BAD_IDS if b]:  # an empty Parent means "no parent"
-        layer = new_id() if op.startswith("GraphDriver.Create") else existing
+        layer = new_layer_id() if op.startswith("GraphDriver.Create") else existing
         status, data = await plugin.client.raw(op, encode({"ID": layer, "Parent": bad}))
         count(tally, status)
         assert_clean_err(f"{op} Parent={bad[:40]!r}", status, data)
@@ -264,7 +250,7 @@ def query_value(value: str) -> str:
 
 
 async def test_apply_diff_invalid_query(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer)
     before_layers, before_beside = layer_names(plugin), beside_home(plugin)
     body = corpus.tar(corpus.f("file"))
@@ -292,7 +278,7 @@ async def test_apply_diff_invalid_query(plugin: PluginUnderTest, tally: Counter[
 
 
 async def test_apply_diff_to_missing_layer(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    missing = new_id()
+    missing = new_layer_id()
     status, data = await apply_raw(plugin, f"id={missing}&parent=", corpus.tar(corpus.f("x")))
     count(tally, status)
     assert status == 404, (status, data)
@@ -305,8 +291,8 @@ async def test_apply_diff_to_missing_layer(plugin: PluginUnderTest, tally: Count
 
 async def test_create_with_missing_parent(plugin: PluginUnderTest, tally: Counter[str]) -> None:
     for op in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):
-        layer = new_id()
-        status, data = await plugin.client.raw(op, encode({"ID": layer, "Parent": new_id()}))
+        layer = new_layer_id()
+        status, data = await plugin.client.raw(op, encode({"ID": layer, "Parent": new_layer_id()}))
         count(tally, status)
         assert status == 404, (op, status, data)
         assert_clean_err(op, status, data)
@@ -317,11 +303,11 @@ async def test_create_with_missing_parent(plugin: PluginUnderTest, tally: Counte
 
 
 async def test_create_existing_id(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer, rw=True)
     root = await plugin.client.get(layer)
     precious = os.path.join(root, "precious")
-    await asyncio.to_thread(write_file, precious, b"keep me")
+    await asyncio.to_thread(write_file, precious, b"keep me", None)
     await plugin.client.put(layer)
     for op in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):
         status, data = await plugin.client.raw(op, encode({"ID": layer}))
@@ -336,13 +322,13 @@ async def test_create_existing_id(plugin: PluginUnderTest, tally: Counter[str]) 
 
 
 async def test_remove_missing_id_succeeds(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    status, data = await plugin.client.raw("GraphDriver.Remove", encode({"ID": new_id()}))
+    status, data = await plugin.client.raw("GraphDriver.Remove", encode({"ID": new_layer_id()}))
     count(tally, status)
     assert (status, json.loads(data)) == (200, {}), data
 
 
 async def test_put_without_get_succeeds(plugin: PluginUnderTest, tally: Counter[str]) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer)
     for _ in range(3):
         status, data = await plugin.client.raw("GraphDriver.Put", encode({"ID": layer}))
@@ -375,7 +361,7 @@ async def test_oversized_json(plugin: PluginUnderTest, shape: str, tally: Counte
     await assert_alive(plugin)
 
 
-# ---- fuzzing --------------------------------------------------------------------------------------
+# ---- fuzzing ---------------------------------------------------------------------------------
 
 JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))

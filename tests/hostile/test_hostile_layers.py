@@ -31,8 +31,9 @@ import pytest
 
 from tests.hostile import corpus
 from tests.hostile.conftest import Snapshot, kill_extractors, snapshot, snapshot_diff
-from tests.protocol.client import PluginError
-from tests.protocol.conftest import PluginUnderTest
+from tests.support.client import PluginError
+from tests.support.files import new_layer_id
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
 
@@ -40,10 +41,6 @@ pytestmark = pytest.mark.asyncio
 #: free space is gone from Home's filesystem.
 DISK_ALARM = 4 << 30
 PROBE_DIRS = ("/", "/etc", "/tmp")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex + uuid.uuid4().hex
 
 
 @dataclass
@@ -89,7 +86,7 @@ async def env(plugin: PluginUnderTest, reap_extractors: None) -> AsyncIterator[E
     beside_home = os.path.dirname(plugin.home)
     decoy, sentinel = _make_decoys(beside_home, token)
     try:
-        parent = new_id()
+        parent = new_layer_id()
         await plugin.client.create(parent)
         await plugin.client.apply_diff(parent, "", corpus.parent_tar())
         ctx = corpus.Ctx(token=token, decoy=decoy, sentinel=sentinel, sentinel_rel="")
@@ -192,7 +189,7 @@ async def run_case(env: Env, case: corpus.Case, tally: Counter[str]) -> list[str
     parent_before = await layer_view(plugin, parent)
     outside_before = await asyncio.to_thread(env.outside)
 
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer, parent)
     layer_root = await plugin.client.get(layer)
     await plugin.client.put(layer)
@@ -287,7 +284,7 @@ NAMES: list[tuple[str, Callable[[str], bytes]]] = [
 async def test_odd_names_round_trip(env: Env, kind: str) -> None:
     """A name ApplyDiff accepted comes back byte for byte from Diff and under Get."""
     name = dict(NAMES)[kind](env.ctx_base.token)
-    layer = new_id()
+    layer = new_layer_id()
     await env.plugin.client.create(layer, env.parent)
     size = await env.plugin.client.apply_diff(layer, env.parent,
                                               corpus.tar(corpus.f(name, b"odd")))

@@ -12,26 +12,16 @@ import tarfile
 
 import pytest
 
-from plugin.driver.probes import mounts_under
 from plugin.state.refcount import read_counts
-from tests.protocol.client import DockerLikeClient
-from tests.protocol.conftest import PluginUnderTest
-from tests.protocol.test_conformance import read
+from tests.support.client import DockerLikeClient
+from tests.support.files import layer_tar, read_file
+from tests.support.mounts import mounts_under
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
 
 CLIENTS = 32
 CALLS_PER_CLIENT = 34  # 32 x 34 = 1,088 calls, plus the set-up
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 class Counted:
@@ -63,12 +53,12 @@ async def worker(n: int, socket_path: str, shared: list[str]) -> int:
                 layer = f"w{n}-{len(mine)}"
                 payload = f"client {n} layer {len(mine)}".encode()
                 await c.create(layer, parent)
-                size = await c.apply_diff(layer, parent, tar_of({f"w{n}/{layer}": payload}))
+                size = await c.apply_diff(layer, parent, layer_tar({f"w{n}/{layer}": payload}))
                 assert size == len(payload)
                 mine[layer] = parent
                 root = await c.get(layer)
-                assert read(os.path.join(root, f"w{n}", layer)) == payload
-                assert read(os.path.join(root, "shared", "base")) == b"base"
+                assert read_file(os.path.join(root, f"w{n}", layer)) == payload
+                assert read_file(os.path.join(root, "shared", "base")) == b"base"
                 await c.put(layer)
             elif op == "getput":
                 layer = rng.choice(shared)
@@ -102,7 +92,7 @@ async def test_mixed_calls_from_32_clients(plugin: PluginUnderTest) -> None:
         files = {f"shared/{layer}": layer.encode()}
         if i == 0:
             files["shared/base"] = b"base"
-        await c.apply_diff(layer, parent, tar_of(files))
+        await c.apply_diff(layer, parent, layer_tar(dict(sorted(files.items()))))
         shared.append(layer)
         parent = layer
     counts = await asyncio.wait_for(

@@ -14,32 +14,17 @@ import logging
 import os
 import stat
 import tarfile
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from plugin.driver.probes import fs_name, project_quota_finding
-from tests.protocol.client import PluginError
-from tests.protocol.conftest import PluginUnderTest
+from tests.support.client import PluginError
+from tests.support.files import new_layer_id, read_file, write_file
+from tests.support.mounts import mounts_under
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex + uuid.uuid4().hex
-
-
-def write(path: str, data: bytes, mode: int = 0o644) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-    os.chmod(path, mode)
-
-
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 async def test_activate_and_capabilities_shapes(plugin: PluginUnderTest) -> None:
@@ -53,7 +38,7 @@ async def test_activate_and_capabilities_shapes(plugin: PluginUnderTest) -> None
 
 
 async def test_success_replies_are_never_empty(plugin: PluginUnderTest) -> None:
-    layer = new_id()
+    layer = new_layer_id()
     for name, body in [("GraphDriver.Create", {"ID": layer}),
                        ("GraphDriver.Put", {"ID": layer}),
                        ("GraphDriver.Remove", {"ID": layer}),
@@ -89,9 +74,7 @@ def _held_under(home: str) -> tuple[list[str], list[str]]:
             continue
         if target.startswith(prefix):
             files.append(target)
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
-    return files, mounts
+    return files, mounts_under(prefix, include_root=False)
 
 
 async def test_cleanup_lets_go_of_home(plugin: PluginUnderTest) -> None:
@@ -136,7 +119,7 @@ async def make_base(c: PluginUnderTest, layer: str) -> None:
     os.mkdir(os.path.join(root, "a subdir"))
     os.chmod(os.path.join(root, "a subdir"), 0o705 | stat.S_ISVTX)
     os.lchown(os.path.join(root, "a subdir"), 1, 2)
-    write(os.path.join(root, "a file"), b"Some data", 0o222 | stat.S_ISUID)
+    write_file(os.path.join(root, "a file"), b"Some data", 0o222 | stat.S_ISUID)
     await c.client.put(layer)
 
 
@@ -145,7 +128,7 @@ def check_base(root: str) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o705 | stat.S_ISVTX and (st.st_uid, st.st_gid) == (1, 2)
     st = os.lstat(os.path.join(root, "a file"))
     assert stat.S_IMODE(st.st_mode) == 0o222 | stat.S_ISUID
-    assert read(os.path.join(root, "a file")) == b"Some data"
+    assert read_file(os.path.join(root, "a file")) == b"Some data"
     assert sorted(os.listdir(root)) == ["a file", "a subdir"]
 
 
@@ -164,13 +147,13 @@ async def test_deep_layer_read(plugin: PluginUnderTest) -> None:
         layer = f"deep{depth}"
         await c.create(layer, parent)
         root = await c.get(layer)
-        write(os.path.join(root, f"file{depth}"), f"layer {depth}".encode())
+        write_file(os.path.join(root, f"file{depth}"), f"layer {depth}".encode())
         await c.put(layer)
         chain.append(layer)
         parent = layer
     top = await c.get(parent)
     for depth in range(24):
-        assert read(os.path.join(top, f"file{depth}")) == f"layer {depth}".encode()
+        assert read_file(os.path.join(top, f"file{depth}")) == f"layer {depth}".encode()
     await c.put(parent)
     for layer in reversed(chain):
         await c.remove(layer)
@@ -178,17 +161,17 @@ async def test_deep_layer_read(plugin: PluginUnderTest) -> None:
 
 def add_many_files(root: str, count: int, seed: int) -> None:
     for i in range(count):
-        write(os.path.join(root, f"directory-{i % 10}", f"file-{i}"),
+        write_file(os.path.join(root, f"directory-{i % 10}", f"file-{i}"),
               (f"seed {seed} file {i} " * (seed + i % 7)).encode())
 
 
 async def test_diff_apply_round_trip(plugin: PluginUnderTest) -> None:
     c = plugin.client
-    base, upper, applied = new_id(), new_id(), new_id()
+    base, upper, applied = new_layer_id(), new_layer_id(), new_layer_id()
     await c.create(base)
     root = await c.get(base)
     add_many_files(root, 50, 3)
-    write(os.path.join(root, "file-remove.txt"), b"This file should get removed in upper!")
+    write_file(os.path.join(root, "file-remove.txt"), b"This file should get removed in upper!")
     os.makedirs(os.path.join(root, "var/lib"))
     await c.put(base)
 
@@ -213,7 +196,7 @@ async def test_diff_apply_round_trip(plugin: PluginUnderTest) -> None:
     upper_root = await c.get(upper)
     for i in range(50):
         rel = os.path.join(f"directory-{i % 10}", f"file-{i}")
-        assert read(os.path.join(root, rel)) == read(os.path.join(upper_root, rel))
+        assert read_file(os.path.join(root, rel)) == read_file(os.path.join(upper_root, rel))
     assert not os.path.lexists(os.path.join(root, "file-remove.txt"))
     assert not os.path.lexists(os.path.join(root, "var/lib"))
     assert os.path.isdir(os.path.join(root, "var"))
@@ -223,20 +206,20 @@ async def test_diff_apply_round_trip(plugin: PluginUnderTest) -> None:
 
 async def test_changes(plugin: PluginUnderTest) -> None:
     c = plugin.client
-    base, upper = new_id(), new_id()
+    base, upper = new_layer_id(), new_layer_id()
     await c.create(base)
     root = await c.get(base)
     add_many_files(root, 20, 3)
-    write(os.path.join(root, "victim"), b"bye")
+    write_file(os.path.join(root, "victim"), b"bye")
     await c.put(base)
     await c.create(upper, base)
     root = await c.get(upper)
     expected = set()
     for i in range(0, 20, 2):  # modify every other file
         rel = f"directory-{i % 10}/file-{i}"
-        write(os.path.join(root, rel), b"changed!")
+        write_file(os.path.join(root, rel), b"changed!")
         expected |= {(f"/directory-{i % 10}", 0), ("/" + rel, 0)}
-    write(os.path.join(root, "newdir/new"), b"new")
+    write_file(os.path.join(root, "newdir/new"), b"new")
     expected |= {("/newdir", 1), ("/newdir/new", 1)}
     os.unlink(os.path.join(root, "victim"))
     expected.add(("/victim", 2))
@@ -254,20 +237,20 @@ async def test_commit_pattern_diff_streams_into_apply(plugin: PluginUnderTest) -
     The payload is far larger than the socket buffers, so a server that
     serialised requests or blocked its loop would deadlock here."""
     c = plugin.client
-    base, container, committed = new_id(), new_id(), new_id()
+    base, container, committed = new_layer_id(), new_layer_id(), new_layer_id()
     await c.create(base)
     await c.create(container, base, rw=True)
     root = await c.get(container)
     blob = os.urandom(1 << 20)
     for i in range(24):
-        write(os.path.join(root, f"big/{i}"), blob[i:] + blob[:i])
+        write_file(os.path.join(root, f"big/{i}"), blob[i:] + blob[:i])
     await c.put(container)
     await c.create(committed, base)
     size = await asyncio.wait_for(
         c.apply_diff(committed, base, c.diff_chunks(container, base)), timeout=120)
     assert size == 24 * len(blob)
     new_root = await c.get(committed)
-    assert read(os.path.join(new_root, "big/5")) == blob[5:] + blob[:5]
+    assert read_file(os.path.join(new_root, "big/5")) == blob[5:] + blob[:5]
     await c.put(committed)
 
 
@@ -301,11 +284,11 @@ async def test_diff_reader_going_away_ends_the_export(plugin: PluginUnderTest) -
     """dockerd drops a Diff it no longer wants: the worker (and the helper a layer of
     many small files gets) must go, and the layer stay usable."""
     c = plugin.client
-    layer = new_id()
+    layer = new_layer_id()
     await c.create(layer)
     root = await c.get(layer)
     for i in range(3000):
-        write(os.path.join(root, f"d{i // 100}", f"f{i}"), b"x" * 3000)
+        write_file(os.path.join(root, f"d{i // 100}", f"f{i}"), b"x" * 3000)
     await c.put(layer)
     loop = asyncio.get_running_loop()
     async for _ in c.diff_chunks(layer):
@@ -332,7 +315,7 @@ async def test_layer_survives_plugin_restart_without_init(plugin: PluginUnderTes
 
 
 async def test_remove_of_unknown_and_put_without_get_succeed(plugin: PluginUnderTest) -> None:
-    await plugin.client.remove(new_id())
+    await plugin.client.remove(new_layer_id())
     await plugin.client.create("lonely")
     await plugin.client.put("lonely")
     await plugin.client.put("lonely")
@@ -374,12 +357,12 @@ async def test_one_log_line_per_call_at_the_level_of_what_it_did(
         plugin: PluginUnderTest, caplog: pytest.LogCaptureFixture) -> None:
     """Filesystem work is logged at info, answers from memory at debug, failures as
     warnings: one line per call, each with op, id, duration and outcome."""
-    layer = new_id()
+    layer = new_layer_id()
     await plugin.client.create(layer)
     await plugin.client.get(layer)  # the first Get of a layer always goes to the pool
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="strata.server"):
-        await plugin.client.create(new_id())
+        await plugin.client.create(new_layer_id())
         assert await plugin.client.exists(layer)
         await plugin.client.get(layer)
         await plugin.client.put(layer)
@@ -475,7 +458,7 @@ async def test_a_symlink_planted_under_home_is_never_followed(plugin: PluginUnde
                                                               tmp_path: str) -> None:
     outside = os.path.join(str(tmp_path), "outside")
     os.makedirs(os.path.join(outside, "root"))
-    write(os.path.join(outside, "root", "secret"), b"keep me")
+    write_file(os.path.join(outside, "root", "secret"), b"keep me")
     os.symlink(outside, os.path.join(plugin.home, "layers", "planted"))
     for call in (plugin.client.get("planted"), plugin.client.create("kid", "planted"),
                  plugin.client.apply_diff("planted", "", b"\0" * 1024)):
@@ -484,16 +467,16 @@ async def test_a_symlink_planted_under_home_is_never_followed(plugin: PluginUnde
         assert "planted" in e.value.err
     assert not await plugin.client.exists("planted")
     await plugin.client.remove("planted")  # unlinks the symlink only
-    assert read(os.path.join(outside, "root", "secret")) == b"keep me"
+    assert read_file(os.path.join(outside, "root", "secret")) == b"keep me"
 
 
 async def test_remove_of_a_layer_with_children_is_refused(plugin: PluginUnderTest) -> None:
     """One rule on every backend (the contract's, and containerd's): a parent is
     not removed under its children, and the refusal changes nothing."""
     c = plugin.client
-    parent, child = new_id(), new_id()
+    parent, child = new_layer_id(), new_layer_id()
     await c.create(parent)
-    write(os.path.join(await c.get(parent), "kept"), b"parent data")
+    write_file(os.path.join(await c.get(parent), "kept"), b"parent data")
     await c.put(parent)
     await c.create(child, parent, rw=True)
     with pytest.raises(PluginError) as refused:
@@ -501,7 +484,7 @@ async def test_remove_of_a_layer_with_children_is_refused(plugin: PluginUnderTes
     assert refused.value.status == 409
     assert f"layer {parent} has 1 child layer(s) ({child})" in refused.value.err
     assert await c.exists(parent)
-    assert read(os.path.join(await c.get(child), "kept")) == b"parent data"
+    assert read_file(os.path.join(await c.get(child), "kept")) == b"parent data"
     await c.put(child)
     await c.remove(child)
     await c.remove(parent)
@@ -517,7 +500,7 @@ async def test_a_size_limit_is_refused_with_what_the_probe_found(plugin: PluginU
     if plugin.backend in ("btrfs", "zfs"):
         pytest.skip(f"{plugin.backend} sets size limits (tests/unit/test_{plugin.backend}*)")
     with pytest.raises(PluginError) as refused:
-        await plugin.client.create(new_id(), "", rw=True, storage_opt={"size": "1G"})
+        await plugin.client.create(new_layer_id(), "", rw=True, storage_opt={"size": "1G"})
     assert refused.value.status == 501
     finding = await asyncio.to_thread(project_quota_finding, plugin.home)
     assert fs_name(plugin.home) in finding and finding in refused.value.err

@@ -24,8 +24,8 @@ import pytest
 from plugin.driver.base import MountSpec
 from plugin.driver.mountapi import unmount
 from plugin.errors import NotSupported
-from tests.protocol.conftest import PluginUnderTest
-from tests.protocol.test_conformance import new_id, read, write
+from tests.support.files import new_layer_id, read_file, write_file
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,7 +35,7 @@ def tree(root: str) -> dict[str, bytes]:
     for parent, _, files in os.walk(root):
         for name in files:
             path = os.path.join(parent, name)
-            found[os.path.relpath(path, root)] = read(path)
+            found[os.path.relpath(path, root)] = read_file(path)
     return found
 
 
@@ -87,11 +87,11 @@ async def chain(plugin: PluginUnderTest, depth: int) -> list[str]:
     """``depth`` layers, each adding ``f<n>`` and overwriting ``top``."""
     ids, parent = [], ""
     for n in range(depth):
-        layer = new_id()
+        layer = new_layer_id()
         await plugin.client.create(layer, parent)
         root = await plugin.client.get(layer)
-        write(os.path.join(root, f"f{n}"), str(n).encode())
-        write(os.path.join(root, "top"), str(n).encode())
+        write_file(os.path.join(root, f"f{n}"), str(n).encode())
+        write_file(os.path.join(root, "top"), str(n).encode())
         await plugin.client.put(layer)
         ids.append(layer)
         parent = layer
@@ -121,19 +121,19 @@ async def test_a_mounted_spec_is_the_tree_get_returns(
     assert expected["top"] == str(depth - 1).encode() and len(expected) == depth + 1
     await asyncio.to_thread(mount_by_mount8, spec, target)
     assert tree(target) == expected
-    write(os.path.join(target, "written"), b"through the spec")
+    write_file(os.path.join(target, "written"), b"through the spec")
     await asyncio.to_thread(unmount, target)
-    assert read(os.path.join(await plugin.client.get(top), "written")) == b"through the spec"
+    assert read_file(os.path.join(await plugin.client.get(top), "written")) == b"through the spec"
     await plugin.client.put(top)
 
 
 async def test_a_read_only_spec_cannot_write(plugin: PluginUnderTest, target: str) -> None:
     ids = await chain(plugin, 2)
-    view = new_id()
+    view = new_layer_id()
     await plugin.client.create(view, ids[-1])
     (spec,) = await specs(plugin, view, read_only=True)
     await asyncio.to_thread(mount_by_mount8, spec, target)
     assert tree(target) == {"f0": b"0", "f1": b"1", "top": b"1"}
     with pytest.raises(OSError) as refused:
-        write(os.path.join(target, "nope"), b"x")
+        write_file(os.path.join(target, "nope"), b"x")
     assert refused.value.errno == errno.EROFS

@@ -8,7 +8,7 @@ import pytest
 
 from plugin.backends.overlay import OverlayDriver
 from plugin.driver import registry
-from plugin.driver.probes import filesystems, mounts_under
+from plugin.driver.probes import filesystems
 from plugin.idtools import IDMappings
 
 
@@ -22,8 +22,3 @@ def new_driver(home: str, options: list[str] | None = None,
     driver = registry.get_driver("overlay", home, options or [], idmap or IDMappings())
     assert isinstance(driver, OverlayDriver)
     return driver
-
-
-def assert_no_mounts_under(path: str) -> None:
-    left = mounts_under(os.path.realpath(path))
-    assert not left, f"mounts left under {path}: {left}"

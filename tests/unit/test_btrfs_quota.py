@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from plugin.backends import btrfs
 from tests.backends import LoopBtrfs, loop_btrfs, run
-from tests.protocol.client import PluginError
-from tests.protocol.conftest import PluginUnderTest
+from tests.support.client import PluginError
+from tests.support.plugin import PluginUnderTest, serving_in_loop
+from tests.support.workdir import new_workdir, remove_workdir
 
 pytestmark = pytest.mark.asyncio
 
@@ -31,17 +30,13 @@ def fs_without_quota() -> Iterator[LoopBtrfs]:
 
 @pytest.fixture
 async def plugin(fs_without_quota: LoopBtrfs) -> AsyncIterator[PluginUnderTest]:
-    sock_dir = tempfile.mkdtemp(prefix="sq-", dir="/tmp")
-    put = PluginUnderTest("btrfs", fs_without_quota.new_dir(), os.path.join(sock_dir, "p.sock"))
-    await put.start()
-    await put.init()
+    sock_dir = new_workdir("sq")
     try:
-        yield put
+        async with serving_in_loop("btrfs", fs_without_quota.new_dir(),
+                                   str(sock_dir / "p.sock")) as put:
+            yield put
     finally:
-        await put.client.call("GraphDriver.Cleanup", {})
-        await put.client.close()
-        await put.stop()
-        shutil.rmtree(sock_dir, ignore_errors=True)
+        remove_workdir(sock_dir)
 
 
 def fill(path: str, mib: int) -> int:

@@ -18,10 +18,11 @@ from plugin.backends import fuse_overlayfs
 from plugin.backends.fuse_overlayfs import FSTYPE, PROCESSES, FuseOverlayDriver
 from plugin.driver import registry
 from plugin.driver.base import CreateOpts
-from plugin.driver.probes import mountinfo
 from plugin.errors import NotSupported, Prerequisites
 from plugin.idtools import IDMappings
 from plugin.state.refcount import internal_references
+from tests.support.files import layer_tar
+from tests.support.mounts import mountinfo, mounts_under
 
 
 def _unavailable() -> str | None:
@@ -36,9 +37,7 @@ pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavaila
 
 
 def fuse_mounts_under(path: str) -> list[str]:
-    path = os.path.realpath(path)
-    return [m.mountpoint for m in mountinfo()
-            if m.fstype == FSTYPE and m.mountpoint.startswith(path + "/")]
+    return mounts_under(os.path.realpath(path), fstype=FSTYPE, include_root=False)
 
 
 def fuse_pids_under(path: str) -> list[int]:
@@ -84,21 +83,6 @@ def driver(home: str) -> Iterator[FuseOverlayDriver]:
         yield drv
     finally:
         drv.cleanup()
-
-
-def tar_of(*members: tuple[str, bytes | None]) -> bytes:
-    """A layer tar: (name, data) files, (name/, None) directories."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name.rstrip("/"))
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(info)
-            else:
-                info.size, info.mode = len(data), 0o644
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_get_runs_fuse_overlayfs_in_its_own_session_and_put_reaps_it(
@@ -180,12 +164,12 @@ def test_a_mount_with_no_count_is_released_at_start_up(driver: FuseOverlayDriver
 def test_whiteouts_apply_natively_and_diff_carries_no_fuse_bookkeeping(
         driver: FuseOverlayDriver) -> None:
     driver.create("base", "", CreateOpts())
-    driver.apply_diff("base", "", io.BytesIO(tar_of(
-        ("keep", b"k"), ("gone", b"g"), ("opq/", None), ("opq/old", b"o"),
-        ("dir/", None), ("dir/a", b"a"))))
+    driver.apply_diff("base", "", io.BytesIO(layer_tar({
+        "keep": b"k", "gone": b"g", "opq/": None, "opq/old": b"o",
+        "dir/": None, "dir/a": b"a"})))
     driver.create("mid", "base", CreateOpts())
-    driver.apply_diff("mid", "base", io.BytesIO(tar_of(
-        (".wh.gone", b""), ("opq/", None), ("opq/.wh..wh..opq", b""), ("opq/new", b"n"))))
+    driver.apply_diff("mid", "base", io.BytesIO(layer_tar({
+        ".wh.gone": b"", "opq/": None, "opq/.wh..wh..opq": b"", "opq/new": b"n"})))
     diff = driver.diff_dir(driver.store.layer_dir("mid"))
     assert stat.S_ISCHR(os.lstat(os.path.join(diff, "gone")).st_mode)  # the kernel's form
     driver.create("c", "mid", CreateOpts())

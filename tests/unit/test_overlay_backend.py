@@ -17,7 +17,8 @@ from plugin.driver.base import CreateOpts
 from plugin.driver.probes import dirent_types, supports_d_type
 from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported
 from plugin.idtools import IDMap, IDMappings
-from tests.unit.overlay_util import assert_no_mounts_under, new_driver, skip_without_overlay
+from tests.support.mounts import assert_no_mounts_under
+from tests.unit.overlay_util import new_driver, skip_without_overlay
 
 pytestmark = skip_without_overlay()
 

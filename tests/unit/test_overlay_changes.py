@@ -16,7 +16,9 @@ import pytest
 
 from plugin.backends.overlay import OverlayDriver
 from plugin.driver.base import CreateOpts
-from tests.unit.overlay_util import assert_no_mounts_under, new_driver, skip_without_overlay
+from tests.support.files import layer_tar
+from tests.support.mounts import assert_no_mounts_under
+from tests.unit.overlay_util import new_driver, skip_without_overlay
 
 pytestmark = skip_without_overlay()
 
@@ -130,17 +132,11 @@ def test_opaque_and_whiteout_in_an_applied_layer(driver: OverlayDriver) -> None:
     """A layer written by ApplyDiff (no kernel involved): opaque marker, whiteouts
     for paths that do and do not exist below."""
     layer(driver, "base", "", base_tree)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, kind in (("opt/", tarfile.DIRTYPE), ("opt/dir1/", tarfile.DIRTYPE),
-                           ("opt/dir1/.wh..wh..opq", tarfile.REGTYPE),
-                           ("opt/dir1/a", tarfile.REGTYPE), ("etc/", tarfile.DIRTYPE),
-                           ("etc/.wh.file5", tarfile.REGTYPE), ("etc/.wh.nothere", tarfile.REGTYPE)):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = kind, 0o755 if kind == tarfile.DIRTYPE else 0o644
-            tf.addfile(info, io.BytesIO(b""))
+    tar = layer_tar({"opt/": None, "opt/dir1/": None, "opt/dir1/.wh..wh..opq": b"",
+                     "opt/dir1/a": b"", "etc/": None, "etc/.wh.file5": b"",
+                     "etc/.wh.nothere": b""})
     driver.create("applied", "base", CreateOpts())
-    size = driver.apply_diff("applied", "base", io.BytesIO(buf.getvalue()))
+    size = driver.apply_diff("applied", "base", io.BytesIO(tar))
     assert size == 0
     diff = os.path.join(driver.store.layer_dir("applied"), "diff")
     assert stat.S_ISCHR(os.lstat(os.path.join(diff, "etc/file5")).st_mode)

@@ -20,6 +20,7 @@ from plugin.driver.base import CreateOpts, Driver
 from plugin.errors import AlreadyExists, InvalidArgument, Prerequisites
 from plugin.idtools import IDMappings
 from tests.backends import ZfsPool, run, zfs_pool  # noqa: F401 (fixture)
+from tests.support.mounts import is_mounted
 
 
 @pytest.fixture
@@ -46,14 +47,9 @@ def datasets_under(name: str) -> dict[str, str]:
     return dict(line.split("\t") for line in out.splitlines())
 
 
-def mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
 def test_home_not_on_zfs_needs_fsname(zfs_pool: ZfsPool) -> None:  # noqa: F811
     with tempfile.TemporaryDirectory() as tmp:  # ext4
-        with pytest.raises(Prerequisites, match="zfs.fsname"):
+        with pytest.raises(Prerequisites, match=r"zfs\.fsname"):
             registry.get_driver("zfs", os.path.join(tmp, "home"), [], IDMappings())
         with pytest.raises(Prerequisites, match="does not exist"):
             registry.get_driver("zfs", os.path.join(tmp, "home"),
@@ -68,7 +64,7 @@ def test_explicit_fsname_with_home_elsewhere(dataset: tuple[str, str]) -> None:
                                   [f"zfs.fsname={dataset[0]}"], IDMappings())
         drv.create("x", "", CreateOpts())
         root = drv.get("x", "")
-        assert mounted(root)
+        assert is_mounted(root)
         drv.put("x")
         drv.remove("x")
         assert f"{dataset[0]}/x" not in datasets_under(dataset[0])
@@ -79,11 +75,11 @@ def test_layers_are_datasets_and_clones(driver: Driver, dataset: tuple[str, str]
     name = dataset[0]
     driver.create("base", "", CreateOpts())
     root = driver.get("base", "")
-    assert mounted(root), "Get mounts the dataset at Home/layers/<id>/root"
+    assert is_mounted(root), "Get mounts the dataset at Home/layers/<id>/root"
     with open(os.path.join(root, "f"), "w") as f:
         f.write("from base")
     driver.put("base")
-    assert not mounted(root), "the last Put unmounts it"
+    assert not is_mounted(root), "the last Put unmounts it"
     driver.create("child", "base", CreateOpts())
     found = datasets_under(name)
     assert found[f"{name}/child"].startswith(f"{name}/base@"), found
@@ -125,12 +121,12 @@ def test_cleanup_unmounts_and_restart_recounts(home: str) -> None:
     again = registry.get_driver("zfs", home, [], IDMappings())
     assert again.get("m", "") == root
     again.put("m")
-    assert mounted(root)
+    assert is_mounted(root)
     again.put("m")
-    assert not mounted(root)
+    assert not is_mounted(root)
     again.get("m", "")
     again.cleanup()
-    assert not mounted(root)
+    assert not is_mounted(root)
 
 
 def test_size_is_a_quota(driver: Driver, dataset: tuple[str, str]) -> None:
