@@ -503,5 +503,6 @@ async def test_a_size_limit_is_refused_with_what_the_probe_found(plugin: PluginU
         await plugin.client.create(new_layer_id(), "", rw=True, storage_opt={"size": "1G"})
     assert refused.value.status == 501
     finding = await asyncio.to_thread(project_quota_finding, plugin.home)
-    assert fs_name(plugin.home) in finding and finding in refused.value.err
+    backing = await asyncio.to_thread(fs_name, plugin.home)
+    assert backing in finding and finding in refused.value.err
     assert "use the btrfs backend" in refused.value.err
