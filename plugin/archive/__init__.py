@@ -11,7 +11,7 @@ All of these block; run them in a worker thread.
 """
 
 from plugin.archive.changes import Change, ChangeKind, changes, changes_size
-from plugin.archive.stream import (
+from plugin.archive.proc.stream import (
     ApplyOptions,
     TarStream,
     apply_layer,

@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain, islice
 from typing import IO, Any
 
-from plugin.archive.writer import SENDFILE_MIN, LayerWriter, Output, walk_names
+from plugin.archive.tar.writer import SENDFILE_MIN, LayerWriter, Output, walk_names
 from plugin.errors import StrataError
 from plugin.idtools import IDMappings
 

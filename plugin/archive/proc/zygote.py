@@ -1,6 +1,6 @@
 """A warm parent for archive workers: fork instead of starting a new interpreter.
 
-Starting ``python -m plugin.archive.worker`` costs 70-250 ms on the project
+Starting ``python -m plugin.archive.proc.worker`` costs 70-250 ms on the project
 machine (interpreter start, ``site``, the imports), more than GNU tar needs for
 a whole 5k-file layer, and it is paid by every ApplyDiff and Diff (moby's
 DiffBase benchmark was 66 ms/op, nearly all of it start-up).  So, like
@@ -117,7 +117,8 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "plugin.archive.worker", "zygote", str(theirs.fileno())],
+                [sys.executable, "-m", "plugin.archive.proc.worker", "zygote",
+                 str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env,
                 pass_fds=(theirs.fileno(),), close_fds=True)
         except OSError as exc:
@@ -188,7 +189,7 @@ def _run_child(argv: list[str], fds: list[int]) -> None:
             os.close(fd)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        from plugin.archive import worker
+        from plugin.archive.proc import worker
 
         code = worker.main(argv)
         sys.stdout.flush()
@@ -244,10 +245,10 @@ def _fork_job(sel: selectors.BaseSelector, control: socket.socket, argv: list[st
 
 
 def main(control_fd: int) -> int:
-    """``python -m plugin.archive.worker zygote FD``."""
+    """``python -m plugin.archive.proc.worker zygote FD``."""
     # Import everything a worker needs now, so each fork starts warm, and keep the
     # collector off those objects: a collection in a child would copy their pages.
-    from plugin.archive import worker  # noqa: F401
+    from plugin.archive.proc import worker  # noqa: F401
 
     gc.freeze()
     tune_allocator()  # inherited by every fork

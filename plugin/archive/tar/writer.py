@@ -1,6 +1,6 @@
 """Write layer tars the way docker's ``tarAppender.addTarFile`` does (protocol §6.3).
 
-Runs in the export worker (``export.py``: the worker writing to its stdout, and
+Runs in the export worker (``proc/export.py``: the worker writing to its stdout, and
 the helper it may fork writing to a pipe of its own).  Entries are relative,
 directories end in ``/``, mtimes are whole seconds, the mode field carries the
 file type bits, owners are numeric and mapped host -> container.  Unlike docker
@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from operator import attrgetter
 from typing import IO
 
-from plugin.archive import tarheader as th
-from plugin.archive.ustar import Header as _Header
-from plugin.archive.ustar import encode_header, plain_block
+from plugin.archive.tar import header as th
+from plugin.archive.tar.ustar import Header as _Header
+from plugin.archive.tar.ustar import encode_header, plain_block
 from plugin.errors import InvalidArgument
 from plugin.idtools import IDMappings
 
@@ -174,7 +174,7 @@ class LayerWriter:
 
     The second and later paths of a multiply-linked inode become hardlink entries
     naming the first path written.  A subclass that sets ``_delegates`` may hand an
-    entry to another writer instead, from ``_delegate`` (``export.py``)."""
+    entry to another writer instead, from ``_delegate`` (``proc/export.py``)."""
 
     def __init__(self, out: IO[bytes] | Output, idmap: IDMappings,
                  whiteout_format: str = "aufs") -> None:
