@@ -28,7 +28,7 @@ from typing import Any
 
 from plugin.archive.proc.export import export_layer
 from plugin.archive.proc.extract import LayerExtractor
-from plugin.archive.proc.stream import FATAL_PREFIX
+from plugin.archive.proc.wire import FATAL_PREFIX
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
 
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "zygote":
         from plugin.archive.proc import zygote
 
-        return zygote.main(int(argv[1]))
+        return zygote.main(int(argv[1]), main)
     sys.stderr.write(f"{FATAL_PREFIX}usage: worker apply ARGS_JSON | worker export | "
                      "worker zygote FD\n")
     return 2
