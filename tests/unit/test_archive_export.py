@@ -213,7 +213,7 @@ def test_idmapped_export_is_byte_identical(tree: Path) -> None:
 
 
 def test_walk_names_batches_keep_walk_order(tree: Path) -> None:
-    from plugin.archive.tar.writer import walk_names
+    from plugin.archive.proc.export import walk_names
 
     def walk(rel: str) -> Iterator[str]:  # filepath.Walk: depth first, sorted by bytes
         for name in sorted(os.listdir(tree / rel), key=os.fsencode):
