@@ -131,6 +131,18 @@ def test_plugin_has_no_import_cycle() -> None:
         " -> ".join(cycle) for cycle in cycles)
 
 
+def test_the_tar_format_imports_no_process_code() -> None:
+    """``plugin.archive.tar`` is the format alone: the processes use it, never the reverse."""
+    graph = import_graph(PLUGIN_DIR)
+    tar_modules = [module for module in graph if module.startswith("plugin.archive.tar")]
+    assert "plugin.archive.tar.reader" in tar_modules
+    outward = {module: sorted(target for target in graph[module]
+                              if target.startswith("plugin.archive")
+                              and not target.startswith("plugin.archive.tar"))
+               for module in tar_modules}
+    assert not any(outward.values()), f"tar/ imports outside itself: {outward}"
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name
