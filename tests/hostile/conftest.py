@@ -120,7 +120,7 @@ def snapshot_diff(before: Snapshot, after: Snapshot) -> list[str]:
 def kill_extractors() -> list[int]:
     """SIGKILL the archive workers this test process spawned (a hung or runaway
     extraction); returns their pids.  Only our own descendants, by pid: workers
-    started directly (``python -m plugin.archive.worker apply``) or forked by the
+    started directly (``python -m plugin.archive.proc.worker apply``) or forked by the
     archive zygote (same command line, parent is the zygote); the zygote itself
     is left alone."""
     procs: dict[int, tuple[int, bytes]] = {}

@@ -256,7 +256,7 @@ async def test_commit_pattern_diff_streams_into_apply(plugin: PluginUnderTest) -
 
 def _export_workers() -> list[int]:
     """Archive workers now alive (children of the zygote, and theirs)."""
-    from plugin.archive import stream
+    from plugin.archive.proc import stream
 
     proc = stream._ZYGOTE._proc
     if proc is None:

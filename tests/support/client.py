@@ -1,6 +1,6 @@
 """Clients that talk to a plugin the way dockerd 20.10 does.
 
-Same headers as Go's ``pkg/plugins`` client (protocol.md §2.1): empty Host,
+Same headers as Go's ``pkg/plugins`` client (docs/protocol.md §2.1): empty Host,
 ``Accept: application/vnd.docker.plugins.v1.2+json``, no Content-Type, no
 Accept-Encoding, compact JSON with a trailing newline, keep-alive, a chunked
 body for ApplyDiff.  Two transports share those facts:

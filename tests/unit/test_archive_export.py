@@ -41,8 +41,8 @@ PARALLEL = [
 ]
 RUNNER = """
 import json, os, sys, time
-import plugin.archive.export as export
-from plugin.archive import worker
+import plugin.archive.proc.export as export
+from plugin.archive.proc import worker
 knobs = json.loads(sys.argv[1])
 failing = knobs.pop("fail_in_helper", None)
 for key, value in knobs.items():
@@ -213,7 +213,7 @@ def test_idmapped_export_is_byte_identical(tree: Path) -> None:
 
 
 def test_walk_names_batches_keep_walk_order(tree: Path) -> None:
-    from plugin.archive.writer import walk_names
+    from plugin.archive.proc.export import walk_names
 
     def walk(rel: str) -> Iterator[str]:  # filepath.Walk: depth first, sorted by bytes
         for name in sorted(os.listdir(tree / rel), key=os.fsencode):

@@ -14,7 +14,7 @@ import pytest
 from test_archive_util import Entry, make_tar, tree_files
 
 from plugin.archive import ApplyOptions, apply_layer
-from plugin.archive.extract import LayerExtractor, clean_name
+from plugin.archive.proc.extract import LayerExtractor, clean_name
 from plugin.errors import InvalidArgument
 from plugin.idtools import IDMappings
 from tests.support.procs import descendants, status_kib

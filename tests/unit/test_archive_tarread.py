@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_archive_util import Entry, make_tar, read_all
 
-from plugin.archive import ApplyOptions, apply_layer, export_tree, tarread
-from plugin.archive import stream as archive_stream
-from plugin.archive.tarread import TarFormatError, TarReader
+from plugin.archive import ApplyOptions, apply_layer, export_tree
+from plugin.archive.proc import stream as archive_stream
+from plugin.archive.tar import reader as tarread
+from plugin.archive.tar.reader import TarFormatError, TarReader
 from plugin.idtools import IDMappings
 
 

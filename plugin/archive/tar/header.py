@@ -1,6 +1,6 @@
 """Layer-format names and helpers shared by the reader (apply) and the writer (export).
 
-The header blocks themselves are parsed by ``tarread.py`` and built by
+The header blocks themselves are parsed by ``reader.py`` and built by
 ``writer.py`` (docs/protocol.md §6.2-§6.3).  xattr values travel in PAX records as
 ``str``, decoded with ``surrogateescape`` where they are not UTF-8 (as
 ``tarfile`` does), so the helpers here map them back to the exact bytes.

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Self, cast
 
 from plugin.archive.changes import Change, ChangeKind
-from plugin.archive.zygote import ForkedWorker, Zygote, ZygoteError
+from plugin.archive.proc.wire import FATAL_PREFIX, WORKER_MODULE
+from plugin.archive.proc.zygote import ForkedWorker, Zygote, ZygoteError
 from plugin.errors import InvalidArgument, NotFound, StrataError
 from plugin.idtools import IDMappings
 
@@ -32,12 +33,12 @@ _CHUNK = 1 << 20
 #: Small files an apply worker extracts alone before it forks its file helper: a
 #: small layer is not worth the fork.
 HELPER_AFTER = 64
-#: How an export worker marks the message of a fatal error on stderr.
-FATAL_PREFIX = "FATAL "
 _WHITEOUT_FORMATS = ("aufs", "overlay")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-# The directory that holds the ``plugin`` package, so the child imports this very copy.
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The directory that holds the ``plugin`` package (this file is plugin/archive/proc/stream.py),
+# so the child imports this very copy.
+_PACKAGE_PARENT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 _ERROR_KINDS: dict[str, type[StrataError]] = {
     "InvalidArgument": InvalidArgument, "StrataError": StrataError,
 }
@@ -69,7 +70,7 @@ def _spawn(args: list[str], stderr: IO[bytes]) -> WorkerProcess:
     except ZygoteError as exc:
         log.warning("%s; starting the archive worker as a new process", exc)
     return subprocess.Popen(
-        [sys.executable, "-m", "plugin.archive.worker", *args],
+        [sys.executable, "-m", WORKER_MODULE, *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=_worker_env(),
         close_fds=True,
     )

@@ -1,6 +1,6 @@
 """A warm parent for archive workers: fork instead of starting a new interpreter.
 
-Starting ``python -m plugin.archive.worker`` (interpreter start, ``site``, the
+Starting ``python -m plugin.archive.proc.worker`` (interpreter start, ``site``, the
 imports) costs more than GNU tar needs for a whole small layer, and it is paid
 by every ApplyDiff and Diff (it was nearly all of moby's DiffBase benchmark, a
 row of ``tests/bench/bench_protocol.py``).  So, like ``multiprocessing``'s
@@ -12,7 +12,8 @@ inherit a lock held by another thread.
 Protocol, over a Unix socketpair (the *control* socket): the parent sends the
 worker's argv as JSON with four descriptors (SCM_RIGHTS): the child's stdin,
 stdout, stderr and a per-job *status* socket.  The zygote forks, the child
-``dup2``s its stdio and runs ``worker.main``; the zygote writes the child's pid
+``dup2``s its stdio and runs ``worker.main`` (which the worker module hands to
+``main`` here: this module never imports it); the zygote writes the child's pid
 to the status socket, and its exit code when it ends (reaped via a pidfd).
 ``ForkedWorker`` gives the parent the ``subprocess.Popen`` surface the callers
 use (``stdin``, ``stdout``, ``poll``, ``wait``, ``kill``).  When the zygote cannot
@@ -33,8 +34,10 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import IO
 
+from plugin.archive.proc.wire import WORKER_MODULE
 from plugin.memtune import tune_allocator
 
 log = logging.getLogger("strata.archive")
@@ -117,7 +120,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "plugin.archive.worker", "zygote", str(theirs.fileno())],
+                [sys.executable, "-m", WORKER_MODULE, "zygote", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env,
                 pass_fds=(theirs.fileno(),), close_fds=True)
         except OSError as exc:
@@ -178,7 +181,12 @@ class Zygote:
 # ---- the zygote process --------------------------------------------------------
 
 
-def _run_child(argv: list[str], fds: list[int]) -> None:
+#: What a forked child runs: the worker's ``main``, handed in by the worker itself
+#: (it starts the zygote), so this module never imports the worker.
+Job = Callable[[list[str]], int]
+
+
+def _run_child(job: Job, argv: list[str], fds: list[int]) -> None:
     """In the forked child: become the worker, never return."""
     code = 1
     try:
@@ -188,9 +196,7 @@ def _run_child(argv: list[str], fds: list[int]) -> None:
             os.close(fd)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        from plugin.archive import worker
-
-        code = worker.main(argv)
+        code = job(argv)
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001 - the child must reach os._exit
@@ -200,7 +206,7 @@ def _run_child(argv: list[str], fds: list[int]) -> None:
         os._exit(code)
 
 
-def serve(control: socket.socket) -> int:
+def serve(control: socket.socket, job: Job) -> int:
     sel = selectors.DefaultSelector()
     sel.register(control, selectors.EVENT_READ, None)
     while True:
@@ -209,7 +215,7 @@ def serve(control: socket.socket) -> int:
                 msg, fds, _, _ = socket.recv_fds(control, _MAX_ARGS, 4)
                 if not msg:
                     return 0  # the plugin is gone
-                _fork_job(sel, control, json.loads(msg), fds)
+                _fork_job(sel, control, job, json.loads(msg), fds)
             else:
                 pid, status = key.data
                 sel.unregister(key.fd)
@@ -220,8 +226,8 @@ def serve(control: socket.socket) -> int:
                 status.close()
 
 
-def _fork_job(sel: selectors.BaseSelector, control: socket.socket, argv: list[str],
-              fds: list[int]) -> None:
+def _fork_job(sel: selectors.BaseSelector, control: socket.socket, job: Job,
+              argv: list[str], fds: list[int]) -> None:
     if len(fds) != 4:
         for fd in fds:
             os.close(fd)
@@ -234,7 +240,7 @@ def _fork_job(sel: selectors.BaseSelector, control: socket.socket, argv: list[st
                 key.data[1].close()
         sel.close()
         control.close()
-        _run_child(argv, fds)
+        _run_child(job, argv, fds)
     status = socket.socket(fileno=fds[3])
     for fd in fds[:3]:
         os.close(fd)
@@ -243,14 +249,14 @@ def _fork_job(sel: selectors.BaseSelector, control: socket.socket, argv: list[st
     sel.register(os.pidfd_open(pid), selectors.EVENT_READ, (pid, status))
 
 
-def main(control_fd: int) -> int:
-    """``python -m plugin.archive.worker zygote FD``."""
-    # Import everything a worker needs now, so each fork starts warm, and keep the
-    # collector off those objects: a collection in a child would copy their pages.
-    from plugin.archive import worker  # noqa: F401
+def main(control_fd: int, job: Job) -> int:
+    """``python -m plugin.archive.proc.worker zygote FD``: fork ``job(argv)`` per request.
 
+    The worker module that calls this has imported everything a job needs at its
+    own load, so each fork starts warm; keep the collector off those objects: a
+    collection in a child would copy their pages."""
     gc.freeze()
     tune_allocator()  # inherited by every fork
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the plugin's Ctrl-C is not ours
-    return serve(socket.socket(fileno=control_fd))
+    return serve(socket.socket(fileno=control_fd), job)

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote
 
-from plugin.archive import tarheader as th
-from plugin.archive import tarread as tr
-from plugin.archive.filehelper import FileHelper, HelperFailed
-from plugin.archive.tarread import Entry, TarFormatError, TarReader
+from plugin.archive.proc.filehelper import FileHelper, HelperFailed
+from plugin.archive.tar import header as th
+from plugin.archive.tar import reader as tr
+from plugin.archive.tar.reader import Entry, TarFormatError, TarReader
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
 

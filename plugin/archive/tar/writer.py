@@ -1,6 +1,6 @@
 """Write layer tars the way docker's ``tarAppender.addTarFile`` does (docs/protocol.md §6.3).
 
-Runs in the export worker (``export.py``: the worker writing to its stdout, and
+Runs in the export worker (``proc/export.py``: the worker writing to its stdout, and
 the helper it may fork writing to a pipe of its own).  Entries are relative,
 directories end in ``/``, mtimes are whole seconds, the mode field carries the
 file type bits, owners are numeric and mapped host -> container.  Unlike docker
@@ -21,13 +21,12 @@ import pwd
 import stat
 import tarfile
 import time
-from collections.abc import Callable, Iterator
-from operator import attrgetter
+from collections.abc import Callable
 from typing import IO
 
-from plugin.archive import tarheader as th
-from plugin.archive.ustar import Header as _Header
-from plugin.archive.ustar import encode_header, plain_block
+from plugin.archive.tar import header as th
+from plugin.archive.tar.ustar import Header as _Header
+from plugin.archive.tar.ustar import encode_header, plain_block
 from plugin.errors import InvalidArgument
 from plugin.idtools import IDMappings
 
@@ -50,7 +49,6 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_FDS_MAX = 64
 # Shared by every entry without xattrs; never mutated (entries get a new dict).
 _NO_PAX: dict[str, str] = {}
-_entry_name = attrgetter("name")
 _PADDING = [b"\0" * n for n in range(BLOCKSIZE)]
 _TYPES = {
     stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE, stat.S_IFLNK: tarfile.SYMTYPE,
@@ -174,7 +172,7 @@ class LayerWriter:
 
     The second and later paths of a multiply-linked inode become hardlink entries
     naming the first path written.  A subclass that sets ``_delegates`` may hand an
-    entry to another writer instead, from ``_delegate`` (``export.py``)."""
+    entry to another writer instead, from ``_delegate`` (``proc/export.py``)."""
 
     def __init__(self, out: IO[bytes] | Output, idmap: IDMappings,
                  whiteout_format: str = "aufs") -> None:
@@ -439,44 +437,3 @@ def _is_opaque(path: str) -> bool:
         return os.getxattr(path, th.OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
     except OSError:
         return False
-
-
-def walk_names(root: str, batch: int) -> Iterator[list[str]]:
-    """The relative names of everything under root in ``filepath.Walk`` order (depth
-    first, each directory's names sorted by their bytes, root itself omitted), in
-    lists of ``batch``: one loop, no generator per entry."""
-    stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(_sorted_entries(root), "")]
-    names: list[str] = []
-    while stack:
-        entries, prefix = stack[-1]
-        for entry in entries:
-            name = prefix + entry.name
-            names.append(name)
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((_sorted_entries(entry.path), name + "/"))
-                break
-            if len(names) == batch:
-                break  # and resume this directory after the yield
-        else:
-            stack.pop()
-        if len(names) == batch:
-            yield names
-            names = []
-    if names:
-        yield names
-
-
-def _sorted_entries(directory: str) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as it:
-            entries = list(it)
-    except OSError as exc:
-        log.warning("can't list %s: %s", directory, exc.strerror or exc)
-        return iter(())
-    # ASCII names sort the same as str and as bytes; others (undecodable bytes are
-    # surrogates in str) need their bytes.
-    if "".join([entry.name for entry in entries]).isascii():
-        entries.sort(key=_entry_name)
-    else:
-        entries.sort(key=lambda entry: os.fsencode(entry.name))
-    return iter(entries)

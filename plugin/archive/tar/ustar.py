@@ -18,7 +18,7 @@ import struct
 import tarfile
 from dataclasses import dataclass, field
 
-from plugin.archive import tarheader as th
+from plugin.archive.tar import header as th
 
 BLOCKSIZE = tarfile.BLOCKSIZE
 _MAX_ID, _MAX_NUM = 8 ** 7, 8 ** 11

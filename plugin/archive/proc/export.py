@@ -46,9 +46,10 @@ import struct
 import traceback
 from collections.abc import Iterable, Iterator
 from itertools import chain, islice
+from operator import attrgetter
 from typing import IO, Any
 
-from plugin.archive.writer import SENDFILE_MIN, LayerWriter, Output, walk_names
+from plugin.archive.tar.writer import SENDFILE_MIN, LayerWriter, Output
 from plugin.errors import StrataError
 from plugin.idtools import IDMappings
 
@@ -77,6 +78,7 @@ HELPER_PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PR_SET_PDEATHSIG = 1
 _LENGTH = struct.Struct("<I")
+_entry_name = attrgetter("name")
 
 #: Names relative to the root; a whiteout of a name is the name after this (no path
 #: holds a NUL).
@@ -147,6 +149,47 @@ def _chunked(items: Iterable[str], size: int) -> Iterator[Chunk]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+def walk_names(root: str, batch: int) -> Iterator[list[str]]:
+    """The relative names of everything under root in ``filepath.Walk`` order (depth
+    first, each directory's names sorted by their bytes, root itself omitted), in
+    lists of ``batch``: one loop, no generator per entry."""
+    stack: list[tuple[Iterator[os.DirEntry[str]], str]] = [(_sorted_entries(root), "")]
+    names: list[str] = []
+    while stack:
+        entries, prefix = stack[-1]
+        for entry in entries:
+            name = prefix + entry.name
+            names.append(name)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((_sorted_entries(entry.path), name + "/"))
+                break
+            if len(names) == batch:
+                break  # and resume this directory after the yield
+        else:
+            stack.pop()
+        if len(names) == batch:
+            yield names
+            names = []
+    if names:
+        yield names
+
+
+def _sorted_entries(directory: str) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except OSError as exc:
+        log.warning("can't list %s: %s", directory, exc.strerror or exc)
+        return iter(())
+    # ASCII names sort the same as str and as bytes; others (undecodable bytes are
+    # surrogates in str) need their bytes.
+    if "".join([entry.name for entry in entries]).isascii():
+        entries.sort(key=_entry_name)
+    else:
+        entries.sort(key=lambda entry: os.fsencode(entry.name))
+    return iter(entries)
 
 
 def _render(writer: LayerWriter, prefix: str, chunk: Chunk) -> None:

@@ -1,4 +1,4 @@
-"""Child process entry points: ``python -m plugin.archive.worker apply|export``.
+"""Child process entry points: ``python -m plugin.archive.proc.worker apply|export``.
 
 Docker runs extraction in a re-exec'd child chrooted into the layer
 (``pkg/chrootarchive``); so do we.  The parent (``stream.py``) talks to us over
@@ -26,9 +26,9 @@ import os
 import sys
 from typing import Any
 
-from plugin.archive.export import export_layer
-from plugin.archive.extract import LayerExtractor
-from plugin.archive.stream import FATAL_PREFIX
+from plugin.archive.proc.export import export_layer
+from plugin.archive.proc.extract import LayerExtractor
+from plugin.archive.proc.wire import FATAL_PREFIX
 from plugin.errors import InvalidArgument, StrataError
 from plugin.idtools import IDMappings
 
@@ -74,9 +74,9 @@ def main(argv: list[str]) -> int:
             return 1
         return 0
     if len(argv) == 2 and argv[0] == "zygote":
-        from plugin.archive import zygote
+        from plugin.archive.proc import zygote
 
-        return zygote.main(int(argv[1]))
+        return zygote.main(int(argv[1]), main)
     sys.stderr.write(f"{FATAL_PREFIX}usage: worker apply ARGS_JSON | worker export | "
                      "worker zygote FD\n")
     return 2
