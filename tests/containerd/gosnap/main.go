@@ -7,17 +7,21 @@
 //	gosnap serve --backend overlayfs|native --root DIR --socket PATH
 //	    containerd's own overlayfs or native snapshotter behind contrib/snapshotservice on a
 //	    unix socket: what a Go proxy snapshotter is, and the baseline strata is held to.
-//	gosnap testsuite --name NAME [--run REGEX] [--parallel N] (--inprocess overlayfs|native
+//	gosnap testsuite --name NAME [--run REGEX] [--parallel N] [--tmpdir DIR]
+//	        (--inprocess overlayfs|native
 //	        | --socket PATH | -- SERVER-ARGV with {root} and {socket})
 //	    containerd 1.6's snapshots/testsuite (SnapshotterSuite) run through testing.Main in a
-//	    child process in a private mount namespace. The suite gives every case a fresh root
-//	    and reuses fixed keys ("c1", "a1", "p", ...) across cases, so a proxied snapshotter
-//	    needs one server per case: after "--", SERVER-ARGV is started per case with {root}
-//	    replaced by that case's root and {socket} by a fresh socket path, and driven through
-//	    containerd's proxy client (snapshots/proxy over grpc, dialled as containerd dials
-//	    proxy plugins). --socket drives one already running server instead (good for one
-//	    case at a time with --run; cases collide on a shared server). --inprocess runs the
-//	    snapshotter in this process, as containerd's own overlay_test.go / native_test.go do.
+//	    child process in a private mount namespace, so a mount a failing case leaves dies
+//	    with it. The suite gives each case a fresh root through its constructor; a proxied
+//	    snapshotter gets it one of two ways. After "--", SERVER-ARGV is started per case with
+//	    {root} replaced by that case's root (under --tmpdir) and {socket} by a fresh socket
+//	    path under $TMPDIR, and stopped by its process group after the case. --socket drives
+//	    one already running server for all cases at once instead: the cases' keys do not
+//	    overlap, but they repeat from run to run (fixed names, and names from the unseeded
+//	    math/rand), so such a server must be fresh for each run. Either way the suite talks
+//	    to it through containerd's proxy client (snapshots/proxy over grpc, dialled with the
+//	    options containerd uses for [proxy_plugins]). --inprocess runs containerd's own
+//	    snapshotter in this process, as its overlay_test.go / native_test.go do.
 //	    Prints the `go test -v` output, then one "CASE <name> PASS|FAIL|SKIP" line per case
 //	    and a "SUMMARY pass=P fail=F skip=S" line; exits non-zero if any case failed.
 //	gosnap bench --socket PATH [--n N]
@@ -33,7 +37,7 @@ import (
 
 const usage = `usage:
   gosnap serve --backend overlayfs|native --root DIR --socket PATH
-  gosnap testsuite --name NAME [--run REGEX] [--parallel N]
+  gosnap testsuite --name NAME [--run REGEX] [--parallel N] [--tmpdir DIR]
                    (--inprocess overlayfs|native | --socket PATH | -- ARGV with {root} {socket})
   gosnap bench --socket PATH [--n N]
 `
