@@ -21,6 +21,8 @@ same cases exist.  Today the served targets are containerd's own snapshotters be
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 import secrets
@@ -138,6 +140,7 @@ def strata_snapshotter_argv(backend: str) -> tuple[str, ...]:
             "--root", "{root}", "--backend", backend)
 
 
+@functools.cache
 def strata_snapshotter_unavailable() -> str | None:
     probe = subprocess.run([sys.executable, "-m", "plugin", "snapshotter", "--help"],
                            cwd=REPO_ROOT, capture_output=True, text=True, check=False)
@@ -275,3 +278,14 @@ def test_suite_one_server(gosnap: Path, target: Target, one_server: str,
                           references: dict[str, dict[str, str]]) -> None:
     run = run_suite(gosnap, target.id, "--socket", one_server)
     assert_like_reference(run, references[target.reference])
+
+
+def test_bench_through_proxy(gosnap: Path, target: Target, one_server: str) -> None:
+    """`gosnap bench` (what a Python bench calls for any socket) gives a p50 for every op."""
+    result = subprocess.run([str(gosnap), "bench", "--socket", one_server, "--n", "50"],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    print(result.stdout)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["op"] for r in rows] == ["Prepare", "Mounts", "Commit", "Stat", "Remove"]
+    assert all(r["n"] == 50 and 0 < r["p50_ns"] <= r["p90_ns"] for r in rows), rows
