@@ -174,6 +174,8 @@ def _lower_tree(root: Path) -> None:
 def test_new_link_to_unchanged_file_lists_both_names(tmp_path: Path) -> None:
     new, old = _copied_tree(tmp_path, _lower_tree)
     os.link(new / "data" / "lower", new / "data" / "deep" / "new")
+    os.setxattr(old / "data" / "lower", "security.capability", CAP_V2)
+    os.setxattr(new / "data" / "lower", "security.capability", CAP_V2)
     # docker diff (ChangesDirs, also overlay2's in docker 20.10): the new name alone.
     assert changes(str(new), str(old)) == [
         Change("/data", C), Change("/data/deep", C), Change("/data/deep/new", A)]
@@ -185,6 +187,9 @@ def test_new_link_to_unchanged_file_lists_both_names(tmp_path: Path) -> None:
     by_name = {m.name: m for m in tar_members(data)}
     assert by_name["data/deep/new"].isreg() and by_name["data/deep/new"].size == 6
     assert by_name["data/lower"].islnk() and by_name["data/lower"].linkname == "data/deep/new"
+    # docker's addTarFile keeps the xattr records on a hardlink entry too
+    cap = "SCHILY.xattr.security.capability"
+    assert by_name["data/lower"].pax_headers[cap] == by_name["data/deep/new"].pax_headers[cap]
 
 
 def test_link_between_unchanged_files_is_no_change(tmp_path: Path) -> None:
