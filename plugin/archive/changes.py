@@ -12,7 +12,16 @@ Semantics are docs/protocol.md §6.6, read from ``pkg/archive/changes.go`` and
 * a directory containing any change gets a MODIFY placed just before its
   children's entries, unless it is itself listed; ``/`` is never listed;
 * entries with the same inode on the same device are skipped with their whole
-  subtree, as docker's walker does.
+  subtree, as docker's walker does;
+* with ``link_partners`` (what a layer tar needs, not ``docker diff``), an
+  unchanged non-directory that shares its inode with an added or changed one is
+  MODIFY too.  ``ln /lower /new`` makes overlay2 copy ``/lower`` up, so its layer
+  tar (the upper dir) carries both names as a hardlink pair, while its ``docker
+  diff`` (docker 20.10's overlay2 Changes is ChangesDirs on the two mounts) shows
+  ``A /new`` alone.  A naive Diff without the rule put ``/new`` alone in the tar,
+  as a plain file, and the image lost the link.  A changed link *count* alone is
+  not the rule: removing one of two lower names leaves the other in the lower on
+  overlay2, not in its tar.
 
 Docker iterates Go maps, so its order within a directory is random; ours is
 deterministic: a directory's existing/added children in byte order, then its
@@ -50,14 +59,22 @@ class Change:
         return f"{'CAD'[self.kind]} {self.path}"
 
 
-def changes(new_root: str, old_root: str | None) -> list[Change]:
-    """Docker's ``ChangesDirs(new_root, old_root)``; ``old_root=None`` compares to empty."""
+def changes(new_root: str, old_root: str | None, *, link_partners: bool = False
+            ) -> list[Change]:
+    """Docker's ``ChangesDirs(new_root, old_root)``; ``old_root=None`` compares to empty.
+    ``link_partners``: also list the other names of a listed inode (module doc)."""
     for root in (new_root, old_root):
         if root is not None and not os.path.isdir(root):
             raise NotFound(f"changes: {root} is not a directory")
     out: list[Change] = []
     try:
-        _compare_dirs(new_root, old_root, "", out)
+        links = _Links(frozenset())
+        _compare_dirs(new_root, old_root, "", out, links)
+        if link_partners and links.listed & links.quiet:
+            # Whether an entry shares an inode with a later one is known only at the
+            # end; a second walk lists them in place, parent directories included.
+            out = []
+            _compare_dirs(new_root, old_root, "", out, _Links(frozenset(links.listed)))
     except RecursionError:
         raise StrataError(f"changes: directory tree under {new_root} is too deep") from None
     except OSError as exc:
@@ -96,7 +113,24 @@ def _listdir(path: str | None) -> dict[str, int]:
         return {entry.name: entry.inode() for entry in it}
 
 
-def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]) -> None:
+class _Links:
+    """The multiply-linked non-directories of one walk, by (st_dev, st_ino)."""
+
+    def __init__(self, promote: frozenset[tuple[int, int]]) -> None:
+        self.promote = promote  # inodes whose every name is listed (second walk)
+        self.listed: set[tuple[int, int]] = set()  # inodes of ADD/MODIFY entries
+        self.quiet: set[tuple[int, int]] = set()  # inodes of unlisted entries
+
+    def promoted(self, st: os.stat_result) -> bool:
+        return st.st_nlink > 1 and (st.st_dev, st.st_ino) in self.promote
+
+    def note(self, st: os.stat_result, listed: bool) -> None:
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            (self.listed if listed else self.quiet).add((st.st_dev, st.st_ino))
+
+
+def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change],
+                  links: _Links) -> None:
     """Append the changes below ``rel`` (``""`` for the root); ``new_dir`` is a directory."""
     new_names = _listdir(new_dir)
     old_names = _listdir(old_dir)
@@ -107,20 +141,23 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
         new_st = os.lstat(new_path)
         if old_dir is None or name not in old_names:
             out.append(Change(child_rel, ChangeKind.ADD))
+            links.note(new_st, listed=True)
             if stat.S_ISDIR(new_st.st_mode):
-                _compare_dirs(new_path, None, child_rel, out)
+                _compare_dirs(new_path, None, child_rel, out, links)
             continue
         if same_device and new_names[name] == old_names[name]:
             continue
         old_path = f"{old_dir}/{name}"
         old_st = os.lstat(old_path)
-        listed = _stat_different(old_st, new_st) or _capability(old_path) != _capability(new_path)
+        listed = (_stat_different(old_st, new_st) or links.promoted(new_st)
+                  or _capability(old_path) != _capability(new_path))
+        links.note(new_st, listed)
         if listed:
             out.append(Change(child_rel, ChangeKind.MODIFY))
         if stat.S_ISDIR(new_st.st_mode):
             start = len(out)
             old_sub = old_path if stat.S_ISDIR(old_st.st_mode) else None
-            _compare_dirs(new_path, old_sub, child_rel, out)
+            _compare_dirs(new_path, old_sub, child_rel, out, links)
             if len(out) > start and not listed:
                 out.insert(start, Change(child_rel, ChangeKind.MODIFY))
     deleted = [name for name in old_names if name not in new_names]

@@ -29,6 +29,15 @@ file in every opaque dir, and tags copied-up files with
 ``user.fuseoverlayfs.origin``, so a tar of the upper dir would carry
 fuse-overlayfs's bookkeeping into the image.  Model: moby
 ``daemon/graphdriver/fuse-overlayfs/fuseoverlayfs.go``.
+
+Directory mtimes after a copy-up: the kernel overlay copies a directory up with
+its lower times and puts them back after copying a child into it, so appending
+to ``/data/mod/file.txt`` leaves ``data/mod/`` with its lower mtime.
+fuse-overlayfs 1.10 copies the directory's times too, but then creates the
+child in it and never restores them, so the upper dir (and the merged view once
+remounted) carries the copy-up time.  Before a container layer's Diff, a
+directory whose only upper entries are copy-ups gets its lower mtime back (see
+``restore_copy_up_times``).
 """
 
 from __future__ import annotations
@@ -37,15 +46,18 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 import time
 
+import msgspec
+
 from plugin.archive import Change, TarStream
 from plugin.backends.overlay import OverlayDriver
 from plugin.driver import mountapi
-from plugin.driver.base import Driver, MountSpec
+from plugin.driver.base import CreateOpts, Driver, MountSpec
 from plugin.driver.probes import (
     OverlaySupport,
     filesystems,
@@ -58,6 +70,7 @@ from plugin.driver.probes import (
 from plugin.driver.registry import register, split_options
 from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported, Prerequisites, StrataError
 from plugin.idtools import IDMappings
+from plugin.state.refcount import internal_references
 
 log = logging.getLogger("strata.backend.fuse-overlayfs")
 
@@ -73,6 +86,11 @@ MAX_LOWERS = 500
 MOUNT_TIMEOUT = 30.0
 #: How long Put waits for the process to exit after its mount is gone.
 EXIT_TIMEOUT = 10.0
+#: What fuse-overlayfs tags a copied-up file with: its path in the lower.
+ORIGIN_XATTR = "user.fuseoverlayfs.origin"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+#: Meta key of a layer made by CreateReadWrite: written only through the mount.
+READ_WRITE_KEY = "read_write"
 NAIVE_REASON = ("fuse-overlayfs keeps .wh..opq/.wh..wh..opq files beside opaque xattrs and "
                 "user.fuseoverlayfs.* xattrs in upper dirs; Diff and Changes walk the mounts")
 
@@ -170,6 +188,70 @@ def stop_mount(fusermount: str | None, mountpoint: str,
         PROCESSES.later(proc)
 
 
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _copied_up(path: str, rel: str) -> bool:
+    """Whether the upper file at ``path`` is fuse-overlayfs's copy of the lower ``rel``."""
+    try:  # fuse-overlayfs stores the path with its C string's NUL
+        origin = os.getxattr(path, ORIGIN_XATTR, follow_symlinks=False)
+        return origin.rstrip(b"\0") == os.fsencode(rel)
+    except OSError:
+        return False
+
+
+def _only_copy_ups(upper_dir: str, lower_dir: str, rel: str, below: list[str]) -> bool:
+    """Whether every entry of ``upper_dir`` is a copy-up of the same lower name: a
+    file tagged with its own path, or a directory the lower has (not made opaque).
+    Appends those directories' paths to ``below``."""
+    only = not _is_opaque(upper_dir)
+    lower_names = set(os.listdir(lower_dir))
+    with os.scandir(upper_dir) as entries:
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name not in lower_names:
+                only = False  # an added name, a whiteout, an opaque marker
+            elif entry.is_dir(follow_symlinks=False):
+                lower_mode = os.lstat(os.path.join(lower_dir, entry.name)).st_mode
+                if stat.S_ISDIR(lower_mode) and not _is_opaque(entry.path):
+                    below.append(child)
+                else:
+                    only = False  # a directory made in place of a lower entry
+            elif not (entry.is_file(follow_symlinks=False) and _copied_up(entry.path, child)):
+                only = False  # a replaced file, a symlink (no origin tag possible)
+    return only
+
+
+def restore_copy_up_times(upper: str, lower: str) -> int:
+    """Give each directory of ``upper`` whose entries are all copy-ups the mtime it
+    has in ``lower`` (the parent layer's merged view), as the kernel overlay keeps
+    it; returns how many changed.  Names made and removed again within the layer,
+    and a ``touch`` of the directory itself, leave no trace in the upper dir: such
+    a directory gets its lower mtime back too (overlay2 would show the new one)."""
+    restored = 0
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        upper_dir, lower_dir = os.path.join(upper, rel), os.path.join(lower, rel)
+        try:
+            lower_st = os.lstat(lower_dir)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(lower_st.st_mode):
+            continue
+        if _only_copy_ups(upper_dir, lower_dir, rel, pending) and rel:
+            upper_st = os.lstat(upper_dir)
+            if upper_st.st_mtime_ns != lower_st.st_mtime_ns:
+                os.utime(upper_dir, ns=(upper_st.st_atime_ns, lower_st.st_mtime_ns),
+                         follow_symlinks=False)
+                restored += 1
+    return restored
+
+
 class FuseOverlayDriver(OverlayDriver):
     name = "fuse-overlayfs"
 
@@ -218,9 +300,32 @@ class FuseOverlayDriver(OverlayDriver):
                 found.append(layer_id)
         return found
 
+    def create_read_write(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
+        self.create(layer_id, parent, opts)
+        meta = self.store.read_meta(layer_id)
+        self.store.write_meta(self.store.layer_dir(layer_id), msgspec.structs.replace(
+            meta, extra={**meta.extra, READ_WRITE_KEY: "1"}))
+
     # Diff and Changes walk the mounts: see the module doc.
     def diff(self, layer_id: str, parent: str) -> TarStream:
+        self._restore_copy_up_times(layer_id, parent)
         return self.naive.diff(layer_id, parent)
+
+    def _restore_copy_up_times(self, layer_id: str, parent: str) -> None:
+        """Only in a container's layer against its own parent: a layer ApplyDiff wrote
+        holds directories with the tar's mtimes and no copy-ups."""
+        meta = self.store.read_meta(layer_id)
+        if not parent or meta.parent != parent or meta.extra.get(READ_WRITE_KEY) != "1":
+            return
+        upper = self.diff_dir(self.store.require(layer_id))
+        with internal_references():
+            lower = self.get(parent, "")
+            try:
+                restored = restore_copy_up_times(upper, lower)
+            finally:
+                self.put(parent)
+        if restored:
+            log.debug("%s: %d directories got their lower mtime back", layer_id, restored)
 
     def changes(self, layer_id: str, parent: str) -> list[Change]:
         return self.naive.changes(layer_id, parent)

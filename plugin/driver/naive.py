@@ -126,7 +126,9 @@ class NaiveDiffDriver(Driver):
                 return _ReleasingStream(export_tree(root, self.idmap), held)
             parent_root = self.proto.get(parent, "")
             held.append((self.proto, parent))
-            found = changes(root, parent_root)
+            # The tar needs every name of a linked inode (see plugin.archive.changes);
+            # `docker diff`, as on overlay2, does not list them.
+            found = changes(root, parent_root, link_partners=True)
             return _ReleasingStream(export_changes(root, found, self.idmap), held)
         except BaseException:
             for driver, held_id in reversed(held):

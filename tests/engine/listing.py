@@ -3,14 +3,19 @@
 ``container_listing`` reads a running container's root from the host through
 ``/proc/PID/root`` -- the same view whatever the storage driver -- so a tree
 served by strata can be compared entry by entry with the in-tree overlay2 one
-or with the directory the test image was built from.
+or with the directory the test image was built from.  ``saved_layer_entries``
+does the same for one layer tar of a ``docker save`` archive.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
+import tarfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import cast
 
 from tests.engine.harness import Dockerd
@@ -102,3 +107,31 @@ def diff_listings(
         elif a[path] != b[path]:
             problems.append(f"differs: {path!r}\n    first:  {a[path]}\n    second: {b[path]}")
     return problems
+
+
+def saved_layer_entries(archive: Path, index: int = -1) -> list[tuple[str, dict[str, object]]]:
+    """The entries of one layer tar of a ``docker save`` archive (the top one by
+    default), in stream order, each with what a layer store must reproduce: type,
+    hardlink target, mode, owners, size, content hash, mtime and pax records
+    (xattrs among them)."""
+    with tarfile.open(archive) as saved:
+        manifest_file = saved.extractfile("manifest.json")
+        if manifest_file is None:
+            raise HarnessError(f"{archive}: no manifest.json")
+        layer_file = saved.extractfile(json.load(manifest_file)[0]["Layers"][index])
+        if layer_file is None:
+            raise HarnessError(f"{archive}: layer {index} is missing")
+        entries: list[tuple[str, dict[str, object]]] = []
+        with tarfile.open(fileobj=layer_file) as layer:
+            for member in layer:
+                body = layer.extractfile(member) if member.isreg() else None
+                entries.append((member.name, {
+                    "type": member.type, "linkname": member.linkname,
+                    "mode": oct(member.mode), "uid": member.uid, "gid": member.gid,
+                    "uname": member.uname, "gname": member.gname, "size": member.size,
+                    "sha256": hashlib.sha256(body.read()).hexdigest() if body else None,
+                    "mtime": int(member.mtime),
+                    "dev": (member.devmajor, member.devminor) if member.ischr() else None,
+                    "pax": dict(sorted(member.pax_headers.items())),
+                }))
+        return entries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,63 @@ def test_same_inode_is_skipped(tmp_path: Path) -> None:
     os.link(old / "shared", new / "shared")
     os.chmod(new / "shared", 0o600)  # same inode: both sides see it
     assert changes(str(new), str(old)) == []
+
+
+def _copied_tree(tmp_path: Path, build: Callable[[Path], None]) -> tuple[Path, Path]:
+    """``old`` made by ``build``, and ``new`` its metadata-preserving copy (a vfs layer)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    build(old)
+    subprocess.run(["cp", "-a", str(old), str(new)], check=True)
+    return new, old
+
+
+def _lower_tree(root: Path) -> None:
+    (root / "data" / "deep").mkdir(parents=True)
+    (root / "data" / "lower").write_text("lower\n")
+    (root / "z").mkdir()
+    (root / "z" / "unrelated").write_text("u\n")
+    (root / "z" / "pair_a").write_text("p\n")
+    os.link(root / "z" / "pair_a", root / "z" / "pair_b")
+
+
+def test_new_link_to_unchanged_file_lists_both_names(tmp_path: Path) -> None:
+    new, old = _copied_tree(tmp_path, _lower_tree)
+    os.link(new / "data" / "lower", new / "data" / "deep" / "new")
+    os.setxattr(old / "data" / "lower", "security.capability", CAP_V2)
+    os.setxattr(new / "data" / "lower", "security.capability", CAP_V2)
+    # docker diff (ChangesDirs, also overlay2's in docker 20.10): the new name alone.
+    assert changes(str(new), str(old)) == [
+        Change("/data", C), Change("/data/deep", C), Change("/data/deep/new", A)]
+    # The layer tar: both names, as overlay2's copy-up puts them in its upper dir.
+    found = changes(str(new), str(old), link_partners=True)
+    assert found == [Change("/data", C), Change("/data/deep", C), Change("/data/deep/new", A),
+                     Change("/data/lower", C)]
+    data = read_all(export_changes(str(new), found, IDMappings()))
+    by_name = {m.name: m for m in tar_members(data)}
+    assert by_name["data/deep/new"].isreg() and by_name["data/deep/new"].size == 6
+    assert by_name["data/lower"].islnk() and by_name["data/lower"].linkname == "data/deep/new"
+    # docker's addTarFile keeps the xattr records on a hardlink entry too
+    cap = "SCHILY.xattr.security.capability"
+    assert by_name["data/lower"].pax_headers[cap] == by_name["data/deep/new"].pax_headers[cap]
+
+
+def test_link_between_unchanged_files_is_no_change(tmp_path: Path) -> None:
+    """A link count that changed with no added or changed name is not a change: overlay2
+    leaves the remaining lower name alone when the other one is removed."""
+    new, old = _copied_tree(tmp_path, _lower_tree)
+    os.unlink(new / "z" / "pair_b")
+    assert changes(str(new), str(old), link_partners=True) == [
+        Change("/z", C), Change("/z/pair_b", D)]
+
+
+def test_changed_file_lists_its_unchanged_other_names(tmp_path: Path) -> None:
+    new, old = _copied_tree(tmp_path, _lower_tree)
+    os.chmod(new / "z" / "pair_b", 0o600)  # one inode: pair_a changed as well
+    os.link(new / "data" / "lower", new / "z" / "third")
+    assert changes(str(new), str(old), link_partners=True) == [
+        Change("/data", C), Change("/data/lower", C), Change("/z", C), Change("/z/pair_a", C),
+        Change("/z/pair_b", C), Change("/z/third", A)]
 
 
 def test_changes_size_counts_hardlinked_inode_once(tmp_path: Path) -> None:

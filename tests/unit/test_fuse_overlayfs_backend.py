@@ -293,3 +293,73 @@ def test_a_crashed_fuse_overlayfs_is_mounted_again_by_the_next_get(
         assert f.read() == "k"
     driver.put("c")
     assert not fuse_mounts_under(driver.home)
+
+
+LOWER_MTIME = 1_500_000_000
+
+
+def _lower_layer(driver: FuseOverlayDriver) -> None:
+    driver.create("base", "", CreateOpts())
+    driver.apply_diff("base", "", io.BytesIO(tar_of(
+        ("data/", None), ("data/lower", b"l"), ("data/mod/", None), ("data/mod/file", b"f"),
+        ("data/mod/sub/", None), ("data/mod/sub/deep", b"d"), ("data/other/", None),
+        ("data/other/a", b"a"))))
+    for dirpath, dirnames, filenames in os.walk(driver.diff_dir(driver.store.layer_dir("base"))):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (LOWER_MTIME, LOWER_MTIME))
+
+
+def _diff_mtimes(driver: FuseOverlayDriver, layer: str, parent: str) -> dict[str, int]:
+    tar = driver.diff(layer, parent)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar.read())) as tf:
+            return {m.name: int(m.mtime) for m in tf.getmembers()}
+    finally:
+        tar.close()
+
+
+def test_a_directory_holding_only_copy_ups_keeps_its_lower_mtime(
+        driver: FuseOverlayDriver) -> None:
+    """fuse-overlayfs stamps a directory with the time it copied a child into it; the
+    kernel overlay (and so overlay2's layer tar) keeps the lower mtime."""
+    _lower_layer(driver)
+    driver.create_read_write("c", "base", CreateOpts())
+    root = driver.get("c", "")
+    with open(os.path.join(root, "data/mod/sub/deep"), "a") as f:
+        f.write("appended")  # copies up data/, data/mod/, data/mod/sub/
+    with open(os.path.join(root, "data/other/new"), "w") as f:
+        f.write("n")  # a new name: data/other/ is really changed
+    driver.put("c")
+    upper = driver.diff_dir(driver.store.layer_dir("c"))
+    assert os.lstat(os.path.join(upper, "data/mod")).st_mtime > LOWER_MTIME  # the bug
+    mtimes = _diff_mtimes(driver, "c", "base")
+    assert (mtimes["data"], mtimes["data/mod"], mtimes["data/mod/sub"]) == (LOWER_MTIME,) * 3
+    assert mtimes["data/other"] > LOWER_MTIME and mtimes["data/mod/sub/deep"] > LOWER_MTIME
+
+
+def test_copy_up_times_are_left_alone_where_a_name_changed(driver: FuseOverlayDriver) -> None:
+    _lower_layer(driver)
+    driver.create_read_write("c", "base", CreateOpts())
+    root = driver.get("c", "")
+    os.link(os.path.join(root, "data/lower"), os.path.join(root, "data/new"))  # a new name
+    os.unlink(os.path.join(root, "data/mod/file"))  # a whiteout
+    with open(os.path.join(root, "data/mod/sub/deep.tmp"), "w") as f:
+        f.write("replaced")  # a file renamed over a lower one carries no origin tag
+    os.rename(os.path.join(root, "data/mod/sub/deep.tmp"), os.path.join(root, "data/mod/sub/deep"))
+    driver.put("c")
+    mtimes = _diff_mtimes(driver, "c", "base")
+    assert min(mtimes["data"], mtimes["data/mod"], mtimes["data/mod/sub"]) > LOWER_MTIME
+    assert mtimes["data/lower"] == LOWER_MTIME  # the linked-to name is in the tar
+
+
+def test_a_layer_apply_diff_wrote_keeps_its_directory_mtimes(driver: FuseOverlayDriver) -> None:
+    """Only container layers get lower mtimes back: an image layer's directories carry
+    the mtimes its tar gave them."""
+    _lower_layer(driver)
+    driver.create("img", "base", CreateOpts())
+    driver.apply_diff("img", "base", io.BytesIO(tar_of(
+        ("data/", None), ("data/mod/", None), ("data/mod/sub/", None),
+        ("data/mod/sub/new", b"n"))))
+    mtimes = _diff_mtimes(driver, "img", "base")
+    assert mtimes["data"] == mtimes["data/mod"] == 0  # tar_of's
+    assert mtimes["data/mod/sub"] == 0 and mtimes["data/mod/sub/new"] == 0

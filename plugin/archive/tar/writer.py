@@ -292,8 +292,8 @@ class LayerWriter:
         if st.st_nlink > 1 and not is_dir:
             first = self._seen_inodes.setdefault((st.st_dev, st.st_ino), name)
             if first != name:
+                # The xattr records stay, as docker's addTarFile leaves them on a link.
                 info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
-                info.pax = {}
         if self._overlay and _S_ISCHR(mode) and st.st_rdev == 0:
             self._as_aufs_whiteout(info)
         opaque = self._overlay and is_dir and _is_opaque(path)
