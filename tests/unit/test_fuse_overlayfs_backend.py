@@ -300,10 +300,10 @@ LOWER_MTIME = 1_500_000_000
 
 def _lower_layer(driver: FuseOverlayDriver) -> None:
     driver.create("base", "", CreateOpts())
-    driver.apply_diff("base", "", io.BytesIO(tar_of(
-        ("data/", None), ("data/lower", b"l"), ("data/mod/", None), ("data/mod/file", b"f"),
-        ("data/mod/sub/", None), ("data/mod/sub/deep", b"d"), ("data/other/", None),
-        ("data/other/a", b"a"))))
+    driver.apply_diff("base", "", io.BytesIO(layer_tar({
+        "data/": None, "data/lower": b"l", "data/mod/": None, "data/mod/file": b"f",
+        "data/mod/sub/": None, "data/mod/sub/deep": b"d", "data/other/": None,
+        "data/other/a": b"a"})))
     for dirpath, dirnames, filenames in os.walk(driver.diff_dir(driver.store.layer_dir("base"))):
         for name in dirnames + filenames:
             os.utime(os.path.join(dirpath, name), (LOWER_MTIME, LOWER_MTIME))
@@ -357,9 +357,8 @@ def test_a_layer_apply_diff_wrote_keeps_its_directory_mtimes(driver: FuseOverlay
     the mtimes its tar gave them."""
     _lower_layer(driver)
     driver.create("img", "base", CreateOpts())
-    driver.apply_diff("img", "base", io.BytesIO(tar_of(
-        ("data/", None), ("data/mod/", None), ("data/mod/sub/", None),
-        ("data/mod/sub/new", b"n"))))
+    driver.apply_diff("img", "base", io.BytesIO(layer_tar({
+        "data/": None, "data/mod/": None, "data/mod/sub/": None, "data/mod/sub/new": b"n"})))
     mtimes = _diff_mtimes(driver, "img", "base")
-    assert mtimes["data"] == mtimes["data/mod"] == 0  # tar_of's
+    assert mtimes["data"] == mtimes["data/mod"] == 0  # layer_tar's
     assert mtimes["data/mod/sub"] == 0 and mtimes["data/mod/sub/new"] == 0
