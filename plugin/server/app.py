@@ -67,7 +67,7 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def encode(body: msgspec.Struct, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), status=status,
+    return web.Response(body=p.encode_reply(body), status=status,
                         content_type="application/json")
 
 
