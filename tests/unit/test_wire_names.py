@@ -7,7 +7,9 @@ must read as dockerd reads an in-tree driver's name (Go's ``encoding/json``,
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import unicodedata
 
@@ -16,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from plugin.printable import PrintableFormatter, printable, printable_lines
 from plugin.server import protocol as wire
 from tests.gostring import go_json_string
 
@@ -82,3 +85,75 @@ def test_a_reply_without_surrogates_is_msgspecs_own_encoding() -> None:
         wire.ChangeWire(Path="/a\n\x01\x7f\x1b😀e\u0301", Kind=0)])
     assert wire.encode_reply(reply) == msgspec.json.encode(reply)
     assert json.loads(wire.encode_reply(reply))["Changes"][0]["Path"] == "/a\n\x01\x7f\x1b😀e\u0301"
+
+
+# ---- printable: logs and Err texts --------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("/l/" + os.fsdecode(b"\xe9\xff"), "/l/\\xe9\\xff"),
+    ("a\nb\tc\r\x01\x7f\x1b[2J", "a\\nb\\tc\\r\\x01\\x7f\\x1b[2J"),
+    ("\u202eevil", "\\u202eevil"),  # right-to-left override
+    ("e\u0301 é 😀", "e\u0301 é 😀"),  # printable: untouched
+    ("plain text", "plain text"),
+])
+def test_printable(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert shown.isprintable()
+    shown.encode("utf-8")  # no surrogate left
+
+
+def test_printable_lines_keeps_line_breaks_only() -> None:
+    assert printable_lines("one \x1b\ntwo " + os.fsdecode(b"\xff")) == "one \\x1b\ntwo \\xff"
+
+
+class _Recording(logging.StreamHandler[io.TextIOWrapper]):
+    """A handler that keeps the records it failed to write (instead of a stderr traceback)."""
+
+    def __init__(self, stream: io.TextIOWrapper) -> None:
+        super().__init__(stream)
+        self.failed: list[logging.LogRecord] = []
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed.append(record)
+
+
+def _log_to_strict_utf8(*args: object, exc: BaseException | None = None) -> str:
+    out = io.BytesIO()
+    stream = io.TextIOWrapper(out, encoding="utf-8", errors="strict", newline="\n")
+    handler = _Recording(stream)
+    handler.setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("strata.test.printable")
+    logger.propagate = False
+    logger.addHandler(handler)
+    errors = handler.failed
+    try:
+        if exc is None:
+            logger.warning(*args)
+        else:
+            try:
+                raise exc
+            except type(exc):
+                logger.exception(*args)
+    finally:
+        logger.removeHandler(handler)
+    stream.flush()
+    assert not errors, "the record could not be written"
+    return out.getvalue().decode("utf-8")
+
+
+def test_a_log_record_naming_a_hostile_path_is_one_line() -> None:
+    path = "/home/" + os.fsdecode(b"\xe9\xff\nWARNING forged line\x1b[31m")
+    written = _log_to_strict_utf8("Diff %s: %s", "layer1", path)
+    assert written == ("WARNING strata.test.printable: Diff layer1: "
+                       "/home/\\xe9\\xff\\nWARNING forged line\\x1b[31m\n")
+
+
+def test_a_logged_traceback_with_a_hostile_path_is_written() -> None:
+    path = "/x/" + os.fsdecode(b"\xff\x1b")
+    written = _log_to_strict_utf8("Changes %s failed", path,
+                                  exc=RuntimeError(f"cannot read {path}"))
+    first, *rest = written.rstrip("\n").split("\n")
+    assert first == "ERROR strata.test.printable: Changes /x/\\xff\\x1b failed"
+    assert rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == "RuntimeError: cannot read /x/\\xff\\x1b"
