@@ -128,8 +128,9 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
 
 
 def http_error_text(request: web.BaseRequest, e: web.HTTPException) -> str:
+    """The Err of a refused request (dockerd puts the call's name before it)."""
     if e.status == 404:
-        return f"{e.reason}: no such endpoint {request.path}"
+        return f"{e.reason}: strata has no such call"
     if e.status == 405:
         return f"{e.reason}: {request.method} (only POST)"
     return e.text or e.reason

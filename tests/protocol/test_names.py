@@ -210,6 +210,6 @@ async def test_errs_do_not_repeat_the_call_name(plugin: PluginUnderTest) -> None
         assert not err.startswith(("GraphDriver.", "POST", "GET", "Init:")), errs
     assert "empty request body" in errs[0][1]
     assert "malformed request body" in errs[1][1]
-    assert "/GraphDriver.NoSuchCall" in errs[2][1]
+    assert "no such call" in errs[2][1]
     assert "GET" in errs[3][1]
     assert "missing-layer" in errs[4][1] and "missing-layer" in errs[5][1]
