@@ -14,6 +14,7 @@ import os
 import sys
 
 from plugin.driver.registry import KNOWN
+from plugin.printable import PrintableFormatter
 
 DEFAULT_NAME = "strata"
 PLUGIN_SOCKET_DIR = "/run/docker/plugins"
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="also start serving (systemd if it is init, else detached)")
 
     fsck = sub.add_parser("fsck", help="list orphaned layers, leaked mounts and debris")
-    fsck.add_argument("--home", default=None, help="the Home to check (default: the recorded Init's)")
+    fsck.add_argument("--home", default=None,
+                      help="the Home to check (default: the recorded Init's)")
     fsck.add_argument("--name", default=_env("name", DEFAULT_NAME))
     fsck.add_argument("--state-dir", default=_env("state-dir", None))
     fsck.add_argument("--min-age", type=float, default=600.0,
@@ -82,8 +84,10 @@ def configure_logging(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Records name paths and Err texts, which may hold any byte (plugin/printable.py).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

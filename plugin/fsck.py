@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from plugin.driver.probes import mounts_under
+from plugin.printable import printable
 from plugin.state.config import load_init
 from plugin.state.layers import LayerStore
 from plugin.state.refcount import read_counts
@@ -106,13 +107,14 @@ def resolve_home(args: argparse.Namespace) -> str:
 def fsck(args: argparse.Namespace) -> int:
     home = resolve_home(args)
     found = examine(home, args.min_age)
-    print(f"Home: {home}")
+    print(f"Home: {printable(home)}")
     for note in found.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note)}")
     for label, items in (("orphaned layer", found.orphans), ("incomplete debris", found.debris),
                          ("leaked mount", found.leaked_mounts)):
         for item in items:
-            print(f"{label}: {item}")
+            # debris is named by whatever bytes are in Home
+            print(f"{label}: {printable(item)}")
     if found.clean:
         print("clean")
         return 0

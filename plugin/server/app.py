@@ -34,6 +34,7 @@ from plugin.driver.base import CreateOpts, Driver
 from plugin.driver.manager import DriverManager
 from plugin.errors import DeadlineExceeded, InvalidArgument, StrataError
 from plugin.idtools import IDMap
+from plugin.printable import printable
 from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader, fd_ready
 from plugin.state.layers import validate_id
@@ -68,8 +69,15 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def encode(body: msgspec.Struct, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), status=status,
+    return web.Response(body=p.encode_reply(body), status=status,
                         content_type="application/json")
+
+
+def fail(text: str, status: int) -> web.Response:
+    """An ``{"Err": text}`` reply.  dockerd shows it as ``<Name>: <text>`` (every Err
+    here has a non-200 status, protocol §2.2), so the text does not repeat the call;
+    it may name a hostile path, shown escaped (plugin/printable.py)."""
+    return encode(p.ErrResponse(Err=printable(text)), status)
 
 
 def op_name(request: web.BaseRequest) -> str:
@@ -97,17 +105,19 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
         return await handler(request)
     except StrataError as e:
         outcome = f"{type(e).__name__}: {e}"
-        return encode(p.ErrResponse(Err=str(e)), e.http_status)
+        return fail(str(e), e.http_status)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         outcome = f"bad request: {e}"
-        return encode(p.ErrResponse(Err=f"{op_name(request)}: malformed request body: {e}"), 400)
+        return fail(f"malformed request body: {e}", 400)
     except web.HTTPException as e:
         outcome = f"http {e.status}"
-        return encode(p.ErrResponse(Err=f"{request.method} {request.path}: {e.reason}"), e.status)
+        return fail(http_error_text(request, e), e.status)
     except Exception as e:
         outcome = f"internal error: {e!r}"
-        log.exception("%s failed", op_name(request))
-        return encode(p.ErrResponse(Err=f"{op_name(request)}: internal error: {e}"), 500)
+        log.exception("%s %s failed", op_name(request), request.get(LAYER_ID, "-"))
+        subject = request.get(LAYER_ID)
+        about = f" ({subject})" if subject else ""
+        return fail(f"internal error{about}: {type(e).__name__}: {e}", 500)
     finally:
         if outcome != "ok":
             level = logging.WARNING
@@ -116,6 +126,15 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
         if log.isEnabledFor(level):
             log.log(level, "%s %s %.1fms %s", op_name(request), request.get(LAYER_ID, "-"),
                     (time.monotonic() - started) * 1000, outcome)
+
+
+def http_error_text(request: web.BaseRequest, e: web.HTTPException) -> str:
+    """The Err of a refused request (dockerd puts the call's name before it)."""
+    if e.status == 404:
+        return f"{e.reason}: strata has no such call"
+    if e.status == 405:
+        return f"{e.reason}: {request.method} (only POST)"
+    return e.text or e.reason
 
 
 async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
@@ -150,8 +169,9 @@ async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
         timer.cancel()
         work.remove_done_callback(wake)
     if not work.done():
+        subject = request.get(LAYER_ID)
         raise DeadlineExceeded(
-            f"{op_name(request)} {request.get(LAYER_ID, '')}: the backend did not answer "
+            f"{subject + ': ' if subject else ''}the backend did not answer "
             f"within {limit:g}s (still running; see the plugin log)")
     return work.result()
 
@@ -174,7 +194,7 @@ async def decode(request: web.BaseRequest, kind: type[Req]) -> Req:
     body = await read_body(request)
     if not body.strip():
         # dockerd's retry of a dropped call resends an empty body (docs/protocol.md §2.4).
-        raise InvalidArgument(f"{op_name(request)}: empty request body")
+        raise InvalidArgument("empty request body (a retry resends a consumed body empty)")
     value = msgspec.json.decode(body, type=kind)
     layer_id = getattr(value, "ID", None)
     if layer_id is not None:
