@@ -75,7 +75,7 @@ def encode(body: msgspec.Struct, status: int = 200) -> web.Response:
 
 def fail(text: str, status: int) -> web.Response:
     """An ``{"Err": text}`` reply.  dockerd shows it as ``<Name>: <text>`` (every Err
-    here has a non-200 status, protocol §2.2), so the text does not repeat the call;
+    here has a non-200 status, docs/protocol.md §2.2), so the text does not repeat the call;
     it may name a hostile path, shown escaped (plugin/printable.py)."""
     return encode(p.ErrResponse(Err=printable(text)), status)
 

@@ -196,7 +196,7 @@ async def test_an_err_naming_a_hostile_path_is_one_printable_line(
 
 
 async def test_errs_do_not_repeat_the_call_name(plugin: PluginUnderTest) -> None:
-    """dockerd shows a non-200 Err as ``<Name>: <Err>`` (protocol §2.2)."""
+    """dockerd shows a non-200 Err as ``<Name>: <Err>`` (docs/protocol.md §2.2)."""
     c = plugin.client
     replies = [await c.raw("GraphDriver.Create", body) for body in (b"", b"{not json")]
     replies += [await c.raw("GraphDriver.NoSuchCall", b"{}\n"),
