@@ -21,7 +21,8 @@ log = logging.getLogger("strata.driver")
 
 
 class DriverManager:
-    def __init__(self, state_dir: str, backend: str, extra_options: list[str] | None = None) -> None:
+    def __init__(self, state_dir: str, backend: str,
+                 extra_options: list[str] | None = None) -> None:
         self.state_dir = state_dir
         self.backend = backend
         self.extra_options = list(extra_options or [])
@@ -51,7 +52,8 @@ class DriverManager:
         self._activate(record)
         return True
 
-    def init(self, home: str, options: list[str], uid_maps: list[IDMap], gid_maps: list[IDMap]) -> None:
+    def init(self, home: str, options: list[str], uid_maps: list[IDMap],
+             gid_maps: list[IDMap]) -> None:
         if not os.path.isabs(home):
             raise InvalidArgument(f"Init: Home {home!r} is not an absolute path")
         refuse_snapshotter_state(home)
