@@ -1,4 +1,4 @@
-"""The ``strata`` command: serve, install, uninstall, check.
+"""The ``strata`` command: serve, snapshotter, install, uninstall, check.
 
 Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
 ``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
@@ -12,12 +12,17 @@ import grp
 import logging
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from plugin.driver.registry import KNOWN
 from plugin.printable import PrintableFormatter
+from plugin.snapshotter import BACKENDS as SNAPSHOTTER_BACKENDS
 
 DEFAULT_NAME = "strata"
 PLUGIN_SOCKET_DIR = "/run/docker/plugins"
+DEFAULT_SNAPSHOTTER_SOCKET = "/run/strata/snapshotter.sock"
+DEFAULT_SNAPSHOTTER_ROOT = "/var/lib/strata/snapshotter"
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -33,23 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plugin/driver name dockerd uses (default strata)")
     serve.add_argument("--socket", default=_env("socket", None),
                        help="unix socket path (default /run/docker/plugins/NAME.sock)")
-    serve.add_argument("--socket-mode", default=_env("socket-mode", "0600"),
-                       help="socket permissions, octal (default 0600)")
-    serve.add_argument("--socket-group", default=_env("socket-group", None),
-                       help="group owning the socket (use with --socket-mode 0660)")
+    _add_socket_options(serve)
     serve.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
     serve.add_argument("--state-dir", default=_env("state-dir", None),
                        help="where the plugin keeps its own state (default /var/lib/strata/NAME)")
     serve.add_argument("--spec-dir", default=_env("spec-dir", None),
                        help="write DIR/NAME.spec while serving (not needed when the socket "
                             "is in /run/docker/plugins, which dockerd scans itself)")
-    serve.add_argument("--storage-opt", action="append", default=[],
-                       help="backend option key=value (Docker's prefixes: vfs., overlay2., …)")
+    _add_storage_opt(serve)
     serve.add_argument("--deadline", type=float, default=float(_env("deadline", "600") or 600),
                        help="seconds a backend call may take before dockerd gets an Err "
                             "(0 = wait forever, as dockerd itself does; default 600)")
-    serve.add_argument("--log-level", default=_env("log-level", "info"),
-                       choices=["debug", "info", "warning", "error"])
+    _add_log_level(serve)
+
+    snap = sub.add_parser("snapshotter", help="serve containerd's snapshots API (a "
+                          "[proxy_plugins] snapshotter)")
+    snap.add_argument("--socket", default=_env("socket", DEFAULT_SNAPSHOTTER_SOCKET),
+                      help=f"unix socket path (default {DEFAULT_SNAPSHOTTER_SOCKET})")
+    _add_socket_options(snap)
+    snap.add_argument("--root", default=_env("root", DEFAULT_SNAPSHOTTER_ROOT),
+                      help="where snapshots and their records live, never a Docker Home "
+                           f"(default {DEFAULT_SNAPSHOTTER_ROOT})")
+    snap.add_argument("--backend", default=_env("backend", "overlay"),
+                      choices=SNAPSHOTTER_BACKENDS)
+    _add_storage_opt(snap)
+    _add_log_level(snap)
 
     for verb in ("install", "uninstall"):
         cmd = sub.add_parser(verb, help=f"{verb} the spec file and systemd units")
@@ -75,6 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket-mode", default=_env("socket-mode", "0600"),
+                        help="socket permissions, octal (default 0600)")
+    parser.add_argument("--socket-group", default=_env("socket-group", None),
+                        help="group owning the socket (use with --socket-mode 0660)")
+
+
+def _add_storage_opt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-opt", action="append", default=[],
+                        help="backend option key=value (Docker's prefixes: vfs., overlay2., …)")
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=_env("log-level", "info"),
+                        choices=["debug", "info", "warning", "error"])
+
+
+def _socket_group(args: argparse.Namespace) -> int | None:
+    return grp.getgrnam(args.socket_group).gr_gid if args.socket_group else None
+
+
+def run_server(main: Coroutine[Any, Any, None]) -> int:
+    """Run a server coroutine to its end on uvloop where installed."""
+    from plugin.memtune import tune_allocator
+
+    tune_allocator()
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main)
+    return 0
+
+
 def configure_logging(level: str) -> None:
     # No record needs its caller's file and line, thread or process name (the
     # format has none of them): finding the caller walks the stack for every
@@ -91,7 +139,6 @@ def configure_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from plugin.memtune import tune_allocator
     from plugin.server.serve import ServeConfig, serve
 
     configure_logging(args.log_level)
@@ -101,27 +148,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=name,
         socket_path=os.path.abspath(socket_path),
         socket_mode=int(args.socket_mode, 8),
-        socket_group=grp.getgrnam(args.socket_group).gr_gid if args.socket_group else None,
+        socket_group=_socket_group(args),
         backend=args.backend,
         state_dir=args.state_dir or os.path.join("/var/lib/strata", name),
         spec_dir=args.spec_dir,
         options=tuple(args.storage_opt),
         deadline=args.deadline,
     )
-    tune_allocator()
-    try:
-        import uvloop  # type: ignore[import-not-found, unused-ignore]
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve(config))
-    return 0
+    return run_server(serve(config))
+
+
+def cmd_snapshotter(args: argparse.Namespace) -> int:
+    from plugin.snapshotter.serve import SnapshotterConfig, serve_snapshotter
+
+    configure_logging(args.log_level)
+    # h2 and hpack log every frame and header at debug: not an operator's concern.
+    for chatty in ("h2", "hpack"):
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
+    config = SnapshotterConfig(
+        socket_path=os.path.abspath(args.socket),
+        root=os.path.abspath(args.root),
+        backend=args.backend,
+        socket_mode=int(args.socket_mode, 8),
+        socket_group=_socket_group(args),
+        options=tuple(args.storage_opt),
+    )
+    return run_server(serve_snapshotter(config))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "snapshotter":
+        return cmd_snapshotter(args)
     if args.command == "fsck":
         from plugin.fsck import fsck
 

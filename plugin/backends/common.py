@@ -23,19 +23,44 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import msgspec
 
 from plugin.driver.base import MountSpec
-from plugin.errors import InvalidArgument
+from plugin.errors import InvalidArgument, NotFound
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
 from plugin.state.layers import LayerStore
 from plugin.state.refcount import RefCounter
 
 log = logging.getLogger("strata.backend")
+
+
+def disk_usage(root: str) -> tuple[int, int]:
+    """containerd's ``fs.DiskUsage`` of one tree: (allocated bytes, inodes), every
+    entry from ``root`` down counted once per (device, inode), symlinks not
+    followed; allocated bytes are ``st_blocks`` x 512, so sparse files count
+    what they hold on disk.  A missing ``root`` is ``NotFound``."""
+    try:
+        first = os.lstat(root)
+    except FileNotFoundError as e:
+        raise NotFound(f"{root} does not exist") from e
+    seen = {(first.st_dev, first.st_ino)}
+    size = first.st_blocks * 512
+    stack = [root] if stat.S_ISDIR(first.st_mode) else []
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    size += st.st_blocks * 512
+    return size, len(seen)
 
 
 class RefCountedStore:
@@ -113,6 +138,17 @@ class RefCountedStore:
         plain directories: vfs, btrfs subvolumes)."""
         return [MountSpec("bind", self.layer_root(layer_id),
                           ("ro" if read_only else "rw", "rbind"))]
+
+    def content_dir(self, layer_id: str) -> str:
+        """The directory holding the layer's own content, for ``usage``: the
+        layer root (a whole tree per layer); overlay overrides with its diff dir."""
+        return self.layer_root(layer_id)
+
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        return disk_usage(self.content_dir(layer_id))
+
+    def layer_ids(self) -> list[str]:
+        return self.store.ids()
 
     # ---- the sequence ----------------------------------------------------------
     def get(self, layer_id: str, mount_label: str) -> str:

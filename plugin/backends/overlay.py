@@ -215,6 +215,9 @@ class OverlayDriver(RefCountedStore, Driver):
     def deactivate(self, layer_id: str, layer_dir: str) -> None:
         self._unmount(layer_dir)
 
+    def content_dir(self, layer_id: str) -> str:
+        return self.diff_dir(self.store.require(layer_id))
+
     def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
         return [self._spec(self.store.require(layer_id), read_only=read_only)]
 

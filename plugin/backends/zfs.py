@@ -203,6 +203,10 @@ class ZfsDriver(RefCountedStore, ProtoDriver):
             f"layer {layer_id}: zfs layers are mounted by setting the dataset's mountpoint "
             "(zfs-fuse has no 'zfs' filesystem type for a mount spec); only Get can mount them")
 
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        raise NotSupported(f"layer {layer_id}: a zfs layer's files are only there while "
+                           "its dataset is mounted (Get); usage cannot walk it unmounted")
+
     def activate(self, layer_id: str, layer_dir: str) -> None:
         self._mount(layer_id, self.root_of(layer_dir))
 

@@ -145,6 +145,23 @@ class ProtoDriver(ABC):
         raise NotSupported(f"the {self.name} backend cannot describe its mounts; "
                            "only Get can mount its layers")
 
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        """The disk space and inode count of the layer's *own* content, as
+        containerd's snapshotters measure it (``fs.DiskUsage``): allocated blocks
+        (``st_blocks`` x 512) and distinct inodes of every entry under the
+        layer's own directory, its root included, each inode counted once.  For
+        overlay that is the layer's upper (diff) dir; for vfs and btrfs, where a
+        layer is a whole tree, the layer root (containerd's native does the same).
+        Nothing is mounted.  Raises ``NotFound`` for an unknown id and
+        ``NotSupported`` where the backend cannot walk its layers unmounted."""
+        raise NotSupported(f"the {self.name} backend cannot measure a layer's usage")
+
+    def layer_ids(self) -> list[str]:
+        """Every complete layer present (no staged or doomed ones), in no order:
+        what a front-end with its own records compares them with to find layers
+        no record claims (a crash between creating a layer and recording it)."""
+        raise NotSupported(f"the {self.name} backend cannot list its layers")
+
     # Answers from memory, for the server's event loop: no filesystem work, no
     # waiting on a lock.  ``None`` (or False) means "not possible now": the server
     # then makes the blocking call in its pool.  A thread hop (two wake-ups and a

@@ -15,6 +15,7 @@ from plugin.driver.base import Driver
 from plugin.errors import InvalidArgument, NotInitialized
 from plugin.idtools import IDMap, IDMappings
 from plugin.state.config import InitRecord, load_init, save_init
+from plugin.state.ownership import refuse_snapshotter_state
 
 log = logging.getLogger("strata.driver")
 
@@ -55,6 +56,7 @@ class DriverManager:
              gid_maps: list[IDMap]) -> None:
         if not os.path.isabs(home):
             raise InvalidArgument(f"Home {home!r} is not an absolute path")
+        refuse_snapshotter_state(home)
         record = InitRecord(
             home=home, options=[*self.extra_options, *options],
             uid_maps=[(m.container_id, m.host_id, m.size) for m in uid_maps],

@@ -78,6 +78,12 @@ class NaiveDiffDriver(Driver):
     def mounts(self, layer_id: str, *, read_only: bool = False) -> list[MountSpec]:
         return self.proto.mounts(layer_id, read_only=read_only)
 
+    def usage(self, layer_id: str) -> tuple[int, int]:
+        return self.proto.usage(layer_id)
+
+    def layer_ids(self) -> list[str]:
+        return self.proto.layer_ids()
+
     def exists_nowait(self, layer_id: str) -> bool | None:
         return self.proto.exists_nowait(layer_id)
 

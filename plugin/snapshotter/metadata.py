@@ -1,0 +1,257 @@
+"""The snapshotter's records: containerd keys, kinds, parents, labels, times and
+committed sizes, in sqlite (WAL) in the snapshotter root.
+
+One row per snapshot.  ``id`` is the snapshot's layer id in the storage core
+(its decimal string): containerd keys (``default/12/extract-… sha256:…``, with
+slashes and spaces) never become paths.  A Commit renames the row's key and
+keeps its id, as containerd's ``snapshots/storage`` keeps the bucket id, so a
+child's ``parent`` (an id) survives its parent's commit.  Ids come from a
+counter that never goes back, so a layer left by a crash never meets a new row
+with its id.
+
+Every method is one transaction (``BEGIN IMMEDIATE``, so the checks and the
+write see the same state) and raises containerd's errors where
+``snapshots/storage/bolt.go`` does.  Methods block (disk, fsync): the server
+calls them from worker threads; one connection is shared under a lock.
+Rows store labels without empty values, as containerd's ``boltutil.WriteLabels``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS id_counter (next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id      INTEGER PRIMARY KEY,
+    key     TEXT NOT NULL UNIQUE,
+    parent  INTEGER REFERENCES snapshots(id),
+    kind    INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    size    INTEGER NOT NULL DEFAULT 0,
+    inodes  INTEGER NOT NULL DEFAULT 0,
+    labels  TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_parent ON snapshots(parent);
+"""
+
+_SELECT = ("SELECT s.id, s.key, COALESCE(p.key, ''), s.kind, s.created, s.updated, s.size, "
+           "s.inodes, s.labels FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent")
+
+
+class Kind(enum.IntEnum):
+    """containerd's kinds, numbered as on the wire (``snapshots.proto``)."""
+
+    VIEW = 1
+    ACTIVE = 2
+    COMMITTED = 3
+
+
+@dataclass(frozen=True)
+class Info:
+    """containerd's ``snapshots.Info``; times in nanoseconds since the epoch (UTC)."""
+
+    name: str
+    parent: str
+    kind: Kind
+    created: int
+    updated: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    id: int
+    info: Info
+    size: int = 0
+    inodes: int = 0
+
+    @property
+    def layer(self) -> str:
+        return str(self.id)
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return json.dumps({k: v for k, v in labels.items() if v}, sort_keys=True)
+
+
+def _record(row: tuple[int, str, str, int, int, int, int, int, str]) -> Record:
+    rid, key, parent, kind, created, updated, size, inodes, labels = row
+    return Record(rid, Info(key, parent, Kind(kind), created, updated, json.loads(labels)),
+                  size, inodes)
+
+
+class MetaStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        # isolation_level=None: transactions are begun and ended here explicitly.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: every commit reaches the disk before the RPC answers, as bolt's
+        # fsync per transaction does for containerd's own snapshotters.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if db.execute("SELECT COUNT(*) FROM id_counter").fetchone()[0] == 0:
+                db.execute("INSERT INTO id_counter VALUES (1)")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- settings --------------------------------------------------------------
+    def setting(self, name: str, default: str) -> str:
+        """The stored value of ``name``, storing ``default`` first if there is none."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO settings VALUES (?, ?)", (name, default))
+                return default
+            return str(row[0])
+
+    # ---- reads -----------------------------------------------------------------
+    def _get(self, db: sqlite3.Connection, key: str) -> Record | None:
+        row = db.execute(_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+        return None if row is None else _record(row)
+
+    def get(self, key: str) -> Record:
+        with self._transaction() as db:
+            found = self._get(db, key)
+        if found is None:
+            raise NotFound(f"snapshot {key}: not found")
+        return found
+
+    def walk(self) -> list[Record]:
+        with self._transaction() as db:
+            return [_record(row) for row in db.execute(_SELECT + " ORDER BY s.key")]
+
+    def ids(self) -> set[int]:
+        with self._transaction() as db:
+            return {row[0] for row in db.execute("SELECT id FROM snapshots")}
+
+    # ---- Prepare / View --------------------------------------------------------
+    def _check_create(self, db: sqlite3.Connection, key: str, parent: str) -> int | None:
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        parent_id = None
+        if parent:
+            found = self._get(db, parent)
+            if found is None:
+                raise NotFound(f"missing parent {parent!r} bucket: not found")
+            if found.info.kind != Kind.COMMITTED:
+                raise InvalidArgument(f"parent {parent!r} is not committed snapshot")
+            parent_id = found.id
+        if self._get(db, key) is not None:
+            raise AlreadyExists(f"snapshot {key}: already exists")
+        return parent_id
+
+    def reserve(self, key: str, parent: str) -> tuple[int, int | None]:
+        """Check that ``key`` can be created on ``parent`` and take a fresh id for
+        its layer: (id, parent's id).  Nothing is visible until ``insert``."""
+        with self._transaction() as db:
+            parent_id = self._check_create(db, key, parent)
+            (rid,) = db.execute("UPDATE id_counter SET next = next + 1 RETURNING next - 1"
+                                ).fetchone()
+            return int(rid), parent_id
+
+    def insert(self, rid: int, kind: Kind, key: str, parent: str,
+               labels: Mapping[str, str]) -> Record:
+        """Record the snapshot whose layer ``rid`` now exists; the checks run
+        again (another call may have taken the key or removed the parent)."""
+        now = time.time_ns()
+        with self._transaction() as db:
+            parent_id = self._check_create(db, key, parent)
+            db.execute("INSERT INTO snapshots (id, key, parent, kind, created, updated, labels) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (rid, key, parent_id, int(kind), now, now, _labels(labels)))
+            found = self._get(db, key)
+        assert found is not None
+        return found
+
+    # ---- Commit / Remove / Update ----------------------------------------------
+    def commit(self, key: str, name: str, usage: tuple[int, int],
+               labels: Mapping[str, str]) -> Record:
+        """Turn active ``key`` into committed ``name`` (same id), with the usage
+        measured at Commit; created and updated become now, labels the new ones."""
+        now = time.time_ns()
+        with self._transaction() as db:
+            found = self._get(db, key)
+            if found is None:
+                raise NotFound(f"failed to get active snapshot {key!r}: not found")
+            if not name:
+                raise InvalidArgument("committed snapshot name must not be empty")
+            if self._get(db, name) is not None:
+                raise AlreadyExists(f"committed snapshot {name}: already exists")
+            if found.info.kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            db.execute("UPDATE snapshots SET key = ?, kind = ?, created = ?, updated = ?, "
+                       "size = ?, inodes = ?, labels = ? WHERE id = ?",
+                       (name, int(Kind.COMMITTED), now, now, usage[0], usage[1],
+                        _labels(labels), found.id))
+            committed = self._get(db, name)
+        assert committed is not None
+        return committed
+
+    def remove(self, key: str) -> Record:
+        """Delete the row of ``key`` (its layer is the caller's to delete next)."""
+        with self._transaction() as db:
+            found = self._get(db, key)
+            if found is None:
+                raise NotFound(f"snapshot {key}: not found")
+            if db.execute("SELECT 1 FROM snapshots WHERE parent = ? LIMIT 1",
+                          (found.id,)).fetchone():
+                raise FailedPrecondition(f"cannot remove snapshot {key} with child")
+            db.execute("DELETE FROM snapshots WHERE id = ?", (found.id,))
+        return found
+
+    def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
+        """containerd ``storage.UpdateInfo``: only labels change; ``labels``
+        replaces them all, ``labels.<k>`` sets (or, empty, removes) one key, no
+        path replaces them all; any other path is ``InvalidArgument``."""
+        now = time.time_ns()
+        with self._transaction() as db:
+            found = self._get(db, name)
+            if found is None:
+                raise NotFound(f"snapshot {name}: snapshot does not exist: not found")
+            new = dict(found.info.labels)
+            for path in paths:
+                if path.startswith("labels."):
+                    label = path.removeprefix("labels.")
+                    new[label] = labels.get(label, "")
+                elif path == "labels":
+                    new = dict(labels)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}")
+            if not paths:
+                new = dict(labels)
+            db.execute("UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
+                       (_labels(new), now, found.id))
+            updated = self._get(db, name)
+        assert updated is not None
+        return updated

@@ -1,0 +1,104 @@
+"""Run the snapshotter until SIGTERM/SIGINT: root, core, records, socket.
+
+Layout of a root::
+
+    ROOT/snapshotter.db      the records (plugin.snapshotter.metadata), WAL beside it
+    ROOT/<backend>/          the storage core's Home (layers named by record id)
+
+The backend is recorded at the first start and a later start with another one
+is refused (the records name layers of that backend).  Start-up deletes layers
+no record claims (``Snapshotter.cleanup``) before the socket opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from grpclib.server import Server
+
+from plugin.driver import registry
+from plugin.errors import InvalidArgument
+from plugin.idtools import IDMappings
+from plugin.server.activation import notify
+from plugin.server.serve import bind_unix
+from plugin.snapshotter import BACKENDS
+from plugin.snapshotter.metadata import MetaStore
+from plugin.snapshotter.service import SnapshotsService
+from plugin.snapshotter.snapshotter import Snapshotter
+from plugin.state.ownership import SNAPSHOTTER_DB, refuse_graphdriver_state
+
+log = logging.getLogger("strata.snapshotter")
+
+
+@dataclass(frozen=True)
+class SnapshotterConfig:
+    socket_path: str
+    root: str
+    backend: str
+    socket_mode: int = 0o600
+    socket_group: int | None = None
+    options: tuple[str, ...] = ()
+    workers: int = 16
+
+
+def open_snapshotter(config: SnapshotterConfig) -> Snapshotter:
+    """Build the core and the records for ``config.root`` (blocking)."""
+    if config.backend not in BACKENDS:
+        raise InvalidArgument(f"backend {config.backend!r} cannot serve containerd; "
+                              f"choose one of {', '.join(BACKENDS)}")
+    refuse_graphdriver_state(config.root)
+    os.makedirs(config.root, mode=0o700, exist_ok=True)
+    meta = MetaStore(os.path.join(config.root, SNAPSHOTTER_DB))
+    try:
+        recorded = meta.setting("backend", config.backend)
+        if recorded != config.backend:
+            raise InvalidArgument(f"snapshotter root {config.root} holds {recorded} layers; "
+                                  f"it cannot be served with backend {config.backend}")
+        driver = registry.get_driver(config.backend, os.path.join(config.root, config.backend),
+                                     list(config.options), IDMappings())
+    except BaseException:
+        meta.close()
+        raise
+    snapshotter = Snapshotter(driver, meta)
+    snapshotter.cleanup()
+    return snapshotter
+
+
+async def serve_snapshotter(config: SnapshotterConfig) -> None:
+    loop = asyncio.get_running_loop()
+    async with AsyncExitStack() as stack:
+        executor = stack.enter_context(ThreadPoolExecutor(config.workers,
+                                                          thread_name_prefix="snap"))
+        snapshotter = await loop.run_in_executor(executor, open_snapshotter, config)
+        stack.callback(snapshotter.close)
+        server = Server([SnapshotsService(snapshotter, executor)])
+        sock = bind_unix(config.socket_path, config.socket_mode, config.socket_group)
+        stack.callback(_unlink, config.socket_path)
+        await server.start(sock=sock)
+        stack.push_async_callback(_stop, server)
+        log.info("serving containerd snapshots on %s (backend %s, root %s)",
+                 config.socket_path, config.backend, config.root)
+        notify("READY=1")
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        notify("STOPPING=1")
+        log.info("shutting down")
+
+
+async def _stop(server: Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,166 @@
+"""containerd's ``snapshots.Snapshotter`` over strata's storage core.
+
+Each snapshot is one core layer, named by its row's id (``metadata.Record``):
+an active snapshot is a writable layer on its parent, a view a layer mounted
+read-only, and Commit only changes the row (the layer's files *are* the
+committed content, as containerd's overlay snapshotter keeps its upper dir).
+The rules and errors are those of containerd 1.6's ``snapshots/storage``
+(Prepare of an existing key is ``AlreadyExists``, of a missing parent
+``NotFound``, of an uncommitted parent ``InvalidArgument``; Mounts of a
+committed snapshot, Commit of a view and Remove of a parent are
+``FailedPrecondition``).
+
+Crash safety comes from the order of the two writes:
+
+* Prepare/View: reserve an id, let the core build the layer (staged, renamed
+  into place when complete), *then* insert the row.  A crash before the row
+  leaves a layer no row claims.
+* Remove: delete the row, *then* the layer.  A crash in between leaves the same.
+* Start-up and Cleanup delete layers no row claims (never one a call in
+  flight is building).
+
+So a listed snapshot always has its whole layer.  Every method blocks (sqlite,
+the core's filesystem work): the gRPC service runs them in worker threads.
+This module knows keys but not gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+
+from plugin.driver.base import CreateOpts, Driver, MountSpec
+from plugin.errors import FailedPrecondition, StrataError
+from plugin.snapshotter.filters import FieldLookup, parse_all
+from plugin.snapshotter.metadata import Info, Kind, MetaStore, Record
+
+log = logging.getLogger("strata.snapshotter")
+
+
+def _lookup(info: Info) -> FieldLookup:
+    """containerd ``storage.adaptSnapshot``: the fields a List filter can name."""
+    def field(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        if path[0] == "kind":
+            return info.kind.name.lower(), True
+        if path[0] == "name":
+            return info.name, True
+        if path[0] == "parent":
+            return info.parent, True
+        if path[0] == "labels" and info.labels:
+            key = ".".join(path[1:])
+            return info.labels.get(key, ""), key in info.labels
+        return "", False
+    return field
+
+
+class Snapshotter:
+    def __init__(self, driver: Driver, meta: MetaStore) -> None:
+        self.driver = driver
+        self.meta = meta
+        self._building: set[str] = set()  # layers created whose row is not in yet
+        self._building_lock = threading.Lock()
+
+    # ---- Prepare / View / Mounts -------------------------------------------------
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(self, kind: Kind, key: str, parent: str,
+                labels: Mapping[str, str]) -> list[MountSpec]:
+        rid, parent_id = self.meta.reserve(key, parent)
+        layer = str(rid)
+        with self._building_lock:
+            self._building.add(layer)
+        try:
+            self.driver.create(layer, "" if parent_id is None else str(parent_id), CreateOpts())
+            try:
+                record = self.meta.insert(rid, kind, key, parent, labels)
+            except BaseException:
+                self._remove_layer(layer)
+                raise
+        finally:
+            with self._building_lock:
+                self._building.discard(layer)
+        return self._mounts(record)
+
+    def mounts(self, key: str) -> list[MountSpec]:
+        return self._mounts(self.meta.get(key))
+
+    def _mounts(self, record: Record) -> list[MountSpec]:
+        if record.info.kind == Kind.COMMITTED:
+            raise FailedPrecondition(
+                f"failed to get active mount: requested snapshot {record.info.name} "
+                "not active or view")
+        return self.driver.mounts(record.layer, read_only=record.info.kind == Kind.VIEW)
+
+    # ---- Commit / Remove ---------------------------------------------------------
+    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Info:
+        record = self.meta.get(key)
+        # Measured only for an active snapshot: the rest is refused below anyway.
+        usage = self.driver.usage(record.layer) if record.info.kind == Kind.ACTIVE else (0, 0)
+        return self.meta.commit(key, name, usage, labels).info
+
+    def remove(self, key: str) -> None:
+        self._remove_layer(self.meta.remove(key).layer)
+
+    def _remove_layer(self, layer: str) -> None:
+        """Delete a layer no row claims any more; a failure is left to Cleanup
+        (containerd's overlay snapshotter likewise only logs a failed RemoveAll)."""
+        try:
+            self.driver.remove(layer)
+        except StrataError as e:
+            log.warning("layer %s: removal failed, left for Cleanup: %s", layer, e)
+
+    # ---- Stat / Update / Usage / List ----------------------------------------------
+    def stat(self, key: str) -> Info:
+        return self.meta.get(key).info
+
+    def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
+        return self.meta.update(name, labels, paths).info
+
+    def usage(self, key: str) -> tuple[int, int]:
+        """Measured now for an active snapshot, as stored at Commit otherwise (a
+        view's is zero, as containerd's)."""
+        record = self.meta.get(key)
+        if record.info.kind == Kind.ACTIVE:
+            return self.driver.usage(record.layer)
+        return record.size, record.inodes
+
+    def walk(self, filters: Sequence[str]) -> list[Info]:
+        matcher = parse_all(filters)
+        return [r.info for r in self.meta.walk() if matcher.match(_lookup(r.info))]
+
+    # ---- Cleanup -----------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        """Delete every layer no row claims (leaves of a crash); returns their ids.
+        Children go before parents (the core refuses a parent with children)."""
+        # Under the lock no Prepare starts or finishes building a layer, so every
+        # layer present is either claimed by a row, being built, or an orphan.
+        with self._building_lock:
+            claimed = {str(i) for i in self.meta.ids()} | self._building
+            orphans = [layer for layer in self.driver.layer_ids() if layer not in claimed]
+        removed: list[str] = []
+        while orphans:
+            left = []
+            for layer in orphans:
+                try:
+                    self.driver.remove(layer)
+                    removed.append(layer)
+                except FailedPrecondition:
+                    left.append(layer)
+            if len(left) == len(orphans):
+                log.warning("cleanup: layers %s still have children no row claims", left)
+                break
+            orphans = left
+        if removed:
+            log.info("cleanup: removed %d unclaimed layer(s): %s", len(removed), removed)
+        return removed
+
+    def close(self) -> None:
+        self.driver.close()
+        self.meta.close()
