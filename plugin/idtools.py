@@ -44,7 +44,8 @@ class IDMappings:
         return (_translate(uid, self.uids, to_host=True), _translate(gid, self.gids, to_host=True))
 
     def to_container(self, uid: int, gid: int) -> tuple[int, int]:
-        return (_translate(uid, self.uids, to_host=False), _translate(gid, self.gids, to_host=False))
+        return (_translate(uid, self.uids, to_host=False),
+                _translate(gid, self.gids, to_host=False))
 
     def root_pair(self) -> tuple[int, int]:
         """Host uid/gid of container root: the owner of every layer's top directory."""

@@ -38,6 +38,7 @@ used instead; Status says which.  Model: moby ``overlay2/overlay.go``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import secrets
@@ -376,10 +377,8 @@ class OverlayDriver(RefCountedStore, Driver):
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _check_storage_opts(name: str, home: str, layer_id: str, opts: CreateOpts) -> None:

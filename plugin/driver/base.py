@@ -191,7 +191,7 @@ class ProtoDriver(ABC):
     def cleanup(self) -> None:
         """dockerd shuts down: unmount every layer, drop every count, ``close``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: nothing open, nothing to do
         """Let go of files held open under Home (a backend's ``cleanup`` ends with
         it; a re-Init replacing this driver and the server's shutdown call it):
         an open file keeps a Home that is a mount busy.  Later calls still work;
@@ -201,7 +201,7 @@ class ProtoDriver(ABC):
         """What dockerd may rely on (see :class:`Capabilities`)."""
         return Capabilities()
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> None:  # noqa: B027 - an optional hook
         """Clear what a crash left behind; called once the driver is built."""
 
     def applying(self, layer_id: str) -> AbstractContextManager[None]:

@@ -7,9 +7,9 @@ shows it.  Model: moby ``overlay2/check.go``, containerd ``overlayutils``.
 from __future__ import annotations
 
 import ctypes
-import gzip
 import ctypes.util
 import errno
+import gzip
 import os
 import shutil
 import tempfile

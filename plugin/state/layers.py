@@ -102,7 +102,8 @@ class LayerStore:
         path = self.layer_dir(layer_id)
         if not _is_real_dir(path):
             if os.path.islink(path):
-                raise InvalidArgument(f"{what} {layer_id}: {path} is a symlink, refusing to follow it")
+                raise InvalidArgument(
+                    f"{what} {layer_id}: {path} is a symlink, refusing to follow it")
             raise NotFound(f"{what} {layer_id} does not exist")
         return path
 
@@ -267,4 +268,4 @@ def remove_tree(path: str) -> None:
 
 def _ignore_vanished(func: object, target: str, exc_info: object) -> None:
     if os.path.lexists(target):
-        raise  # noqa: PLE0704 - re-raise the error being handled
+        raise

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchlib import (
+from tests.bench.benchlib import (
     MiB,
     PluginServer,
     RssSampler,

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchlib import (
+from plugin.archive import apply_layer, export_tree
+from plugin.idtools import IDMappings
+from tests.bench.benchlib import (
     MiB,
     Workspace,
     big_file_layer,
@@ -36,9 +37,6 @@ from benchlib import (
     tree_layer,
     write_tar_file,
 )
-
-from plugin.archive import apply_layer, export_tree
-from plugin.idtools import IDMappings
 
 STDLIB = "/usr/lib/python3.11"
 

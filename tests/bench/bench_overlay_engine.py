@@ -42,10 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import RssSampler
-
+from tests.bench.benchlib import RssSampler
 from tests.engine import harness
 from tests.engine.rootfs import build_rootfs_tar
 
@@ -279,7 +277,8 @@ def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Pat
 
     def load(engine: Engine, tally: CallTally | None) -> float:
         return median_seconds(
-            max(2, plan["reps"] // 2), lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
+            max(2, plan["reps"] // 2),
+            lambda: engine.docker("load", "-i", str(load_tar), timeout=900),
             lambda: engine.docker("rmi", "bench/big:1", check=False), tally)
 
     size_mb = load_tar.stat().st_size / 1e6

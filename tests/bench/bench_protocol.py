@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchlib import (
+from tests.bench.benchlib import (
     BlockingClient,
     MiB,
     PluginServer,
@@ -58,7 +58,6 @@ from benchlib import (
     tree_layer,
     write_tar_file,
 )
-
 from tests.support.files import write_file
 
 BASELINE_SERVER = """

@@ -337,7 +337,7 @@ def _stream_tar(root: str) -> Iterator[bytes]:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
-            tar.members.clear()
+            tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every member
             if sum(map(len, sink.parts)) >= MiB:
                 yield b"".join(sink.parts)
                 sink.parts.clear()
@@ -365,7 +365,7 @@ def count_entries(chunks: Iterable[bytes | memoryview]) -> int:
         n = 0
         for _ in tar:
             n += 1
-            tar.members.clear()
+            tar.members.clear()  # type: ignore[attr-defined]  # (not in typeshed)
         return n
 
 

@@ -115,7 +115,7 @@ RUN rm -rf /a/b && rm /built.hl && touch /opt/dir1/third
 
 def layer_entries(archive: Path) -> list[list[tuple[object, ...]]]:
     """Each saved layer's tar entries, bottom first, without times (they differ per build)."""
-    out = []
+    out: list[list[tuple[object, ...]]] = []
     with tarfile.open(archive) as outer:
         manifest = outer.extractfile("manifest.json")
         assert manifest is not None

@@ -276,7 +276,8 @@ echo cap > /fid/newcap
 def test_save_load_round_trip_with_overlay2(
     stack: harness.Stack, base_image: str, overlay2: harness.Dockerd, tmp_path: Path
 ) -> None:
-    """strata → save → overlay2 load, overlay2 commit → save → strata load; trees and bytes equal."""
+    """strata → save → overlay2 load, overlay2 commit → save → strata load; trees and
+    bytes equal."""
     to_overlay = tmp_path / "base.tar"
     stack.docker("save", "-o", str(to_overlay), base_image)
     overlay2.docker("load", "-i", str(to_overlay))
@@ -334,7 +335,8 @@ def test_save_load_round_trip_with_overlay2(
 DOCKERFILE = """\
 FROM {image}
 COPY hello.txt /opt/
-RUN rm /etc/victim && rm -rf /opt/dir1 && mkdir /opt/dir1 && echo new > /opt/dir1/other && echo built > /built.txt
+RUN rm /etc/victim && rm -rf /opt/dir1 && mkdir /opt/dir1 \\
+    && echo new > /opt/dir1/other && echo built > /built.txt
 """
 
 
@@ -387,7 +389,8 @@ def test_dockerd_restart_keeps_images_and_containers(stack: harness.Stack, base_
 def test_plugin_crash_and_restart_under_a_running_container(
     plugin_stack: harness.Stack, base_image: str, tmp_path: Path
 ) -> None:
-    """kill -9 the plugin while a container runs; a restarted plugin serves it without a new Init."""
+    """kill -9 the plugin while a container runs; a restarted plugin serves it without a
+    new Init."""
     stack = plugin_stack
     assert stack.plugin is not None
     layers_before = layer_ids_under(stack.dockerd.home)

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-# The protocol ring's fixtures (plugin, backend and whatever those need), as they evolve.
-from tests.protocol.conftest import *
+# The protocol ring's fixtures, shared: the plugin and what it needs.
+from tests.backends import btrfs_fs, zfs_pool  # noqa: F401 (fixtures)
+from tests.protocol.conftest import backend, blockbuster, plugin, short_dir  # noqa: F401
 from tests.support.files import sha256_file, xattr_pairs
 from tests.support.procs import ppid_map
 

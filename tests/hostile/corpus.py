@@ -210,6 +210,11 @@ def compress(kind: str, data: bytes) -> bytes:
                           check=True).stdout
 
 
+def compressed_file(kind: str) -> Callable[[Ctx], bytes]:
+    """A case builder: one file's layer tar, compressed with ``kind``."""
+    return lambda c: compress(kind, tar(f(c.token)))
+
+
 # ---- the parent layer ---------------------------------------------------------
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\n"
@@ -370,7 +375,7 @@ def _smuggled_header(ctx: Ctx) -> bytes:
 
 
 CASES: list[Case] = [
-    # -- lexical escapes ---------------------------------------------------------
+    # -- lexical escapes --------------------------------------------------------------------------
     Case("dotdot_name", lambda c: tar(f(f"../{c.token}")), "err", culprit=tok("../{t}")),
     Case("dotdot_deep_to_sentinel",
          lambda c: tar(f(f"a/../../../../../{c.sentinel_rel}/{c.token}")), "err"),
@@ -413,7 +418,7 @@ CASES: list[Case] = [
          "ok", file_is(tok("evil/{t}"))),
     Case("symlink_over_parent_dir",
          lambda c: tar(sym("etc", c.up_sentinel + "/etc"), f("etc/passwd")), "either"),
-    # -- hardlinks ------------------------------------------------------------------------
+    # -- hardlinks --------------------------------------------------------------------------------
     Case("hardlink_up_decoy", lambda c: tar(hl("hl", f"{c.up_decoy}/etc/passwd")), "err",
          culprit=lambda c: "hl"),
     Case("hardlink_up_sentinel", lambda c: tar(hl("hl", f"{c.up_sentinel}/etc/passwd")),
@@ -526,7 +531,7 @@ CASES: list[Case] = [
          lambda c: header(b"././@LongLink", size=200, typeflag=b"K", gnu=True)
          + pad((c.up_decoy + "/etc/passwd").encode().ljust(200, b"\0"))
          + header(b"hl", typeflag=b"1", linkname=b"x") + EOA, "err"),
-    # -- truncated and garbage streams -----------------------------------------------------------
+    # -- truncated and garbage streams ------------------------------------------------------------
     Case("truncated_mid_header", lambda c: tar(f(c.token, b"x" * 5000))[:300], "err"),
     Case("truncated_mid_body",
          lambda c: tar(f("first"), f(c.token, b"x" * 10000))[:512 * 6 + 3000], "err"),
@@ -547,9 +552,9 @@ CASES: list[Case] = [
     Case("size_claims_1tib_then_eof",
          lambda c: header(c.token.encode(), size_field=octal(TIB, 12)) + bytes(512), "err"),
     # -- compressed bodies (the protocol sends uncompressed tar) -----------------------------------
-    *[Case(f"compressed_{kind}", lambda c, kind=kind: compress(kind, tar(f(c.token))), "err")
+    *[Case(f"compressed_{kind}", compressed_file(kind), "err")
       for kind in ("gzip", "bzip2", "xz", "zstd")],
-    # -- names --------------------------------------------------------------------------------------
+    # -- names ------------------------------------------------------------------------------------
     Case("name_with_newline", lambda c: tar(d(f"nl\n{c.token}"), f(f"nl\n{c.token}/f\n")), "ok",
          file_is(tok("nl\n{t}/f\n"))),
     Case("name_not_utf8",
@@ -563,11 +568,11 @@ CASES: list[Case] = [
     Case("path_4k_deep", _deep_path(200, 22), "either"),
     Case("path_64k_deep", _deep_path(250, 260), "either"),
     Case("name_only_slashes_and_dots", lambda c: tar(f("/./././")), "err"),
-    # -- bombs ----------------------------------------------------------------------------------------
+    # -- bombs ------------------------------------------------------------------------------------
     Case("many_empty_files", _many_files(50_000), "ok",
          lambda c, root: _count(os.path.join(root, "bomb"), 50_000), deadline=120.0),
     Case("sparse_claims_1tib", _sparse_1tib, "either", sparse_file, deadline=60.0),
-    # -- whiteouts and opaque markers -------------------------------------------------------------------
+    # -- whiteouts and opaque markers -------------------------------------------------------------
     Case("whiteout_dotdot_at_root", lambda c: tar(f(".wh...", b"")), "either",
          parent_content_kept),
     Case("whiteout_dotdot_nested", lambda c: tar(f("etc/.wh...", b"")), "either",
@@ -586,7 +591,7 @@ CASES: list[Case] = [
          lambda c, root: only_entries({c.token})(c, root)),
     Case("opaque_via_symlink_out",
          lambda c: tar(sym("evil", c.up_sentinel), f("evil/.wh..wh..opq", b"")), "either"),
-    # -- duplicates -----------------------------------------------------------------------------------
+    # -- duplicates -------------------------------------------------------------------------------
     Case("same_path_twice", lambda c: tar(f(c.token, b"one"), f(c.token, b"two")), "ok",
          file_is(tok("{t}"), b"two")),
     Case("file_dir_file",

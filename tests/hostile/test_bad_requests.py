@@ -114,7 +114,7 @@ def wrong_types(op: str) -> list[Any]:
                          {"ID": 1.5}, {}, {"id": "lowercase-key-only"}, [], ["ID"], 5, "ID",
                          None, True]
     ok_id = "wrongtypes"
-    field_values = {"Parent": [5, [], {}, True], "MountLabel": [5, ["x"], {}],
+    field_values: dict[str, list[Any]] = {"Parent": [5, [], {}, True], "MountLabel": [5, ["x"], {}],
                     "StorageOpt": [[1], "size=1G", {"size": 5}, {"size": None}]}
     for name in ID_ENDPOINTS.get(op, ()):
         bodies += [{"ID": ok_id, name: v} for v in field_values[name]]

@@ -45,7 +45,8 @@ def containerd_compact(options: list[str]) -> tuple[str | None, list[str]]:
     cwd; only ``lowerdir`` is rewritten (upper and work dirs stay absolute)."""
     (index,) = [i for i, o in enumerate(options) if o.startswith("lowerdir=")]
     lowers = options[index].removeprefix("lowerdir=").split(":")
-    common = os.path.dirname(os.path.commonprefix(lowers)) + "/"
+    # A string prefix on purpose: containerd compares characters, not path parts.
+    common = os.path.dirname(os.path.commonprefix(lowers)) + "/"  # noqa: RUF071
     if len(lowers) == 1 or common == "/":
         return None, options
     rest = options[:index] + options[index + 1:]

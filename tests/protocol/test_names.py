@@ -19,8 +19,8 @@ import unicodedata
 import pytest
 
 from tests.gostring import go_json_string
-from tests.protocol.client import PluginError
-from tests.protocol.conftest import PluginUnderTest
+from tests.support.client import PluginError
+from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
 

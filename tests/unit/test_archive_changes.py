@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_archive_util import CAP_V2, read_all, tar_members
 
 from plugin.archive import Change, ChangeKind, changes, changes_size, export_changes
 from plugin.idtools import IDMappings
+from tests.unit.test_archive_util import CAP_V2, read_all, tar_members
 
 A, C, D = ChangeKind.ADD, ChangeKind.MODIFY, ChangeKind.DELETE
 

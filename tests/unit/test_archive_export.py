@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_archive_util import CAP_V2, read_all
 
 from plugin.archive import export_tree
 from plugin.idtools import IDMappings
+from tests.unit.test_archive_util import CAP_V2, read_all
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_V3 = struct.pack("<IIIIII", 0x03000001, 1 << 10, 0, 0, 0, 1000)

@@ -11,13 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_archive_util import Entry, make_tar, tree_files
 
 from plugin.archive import ApplyOptions, apply_layer
 from plugin.archive.proc.extract import LayerExtractor, clean_name
 from plugin.errors import InvalidArgument
 from plugin.idtools import IDMappings
 from tests.support.procs import descendants, status_kib
+from tests.unit.test_archive_util import Entry, make_tar, tree_files
 
 REG, DIR, SYM, LNK = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
 

@@ -9,7 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_archive_util import (
+
+from plugin.archive import ApplyOptions, apply_layer, export_tree
+from plugin.idtools import IDMap, IDMappings
+from tests.unit.test_archive_util import (
     CAP_V2,
     Entry,
     make_tar,
@@ -17,9 +20,6 @@ from test_archive_util import (
     snapshot,
     tar_members,
 )
-
-from plugin.archive import ApplyOptions, apply_layer, export_tree
-from plugin.idtools import IDMap, IDMappings
 
 T0 = 1_500_000_000
 

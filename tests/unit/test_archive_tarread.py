@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_archive_util import Entry, make_tar, read_all
 
 from plugin.archive import ApplyOptions, apply_layer, export_tree
 from plugin.archive.proc import stream as archive_stream
 from plugin.archive.tar import reader as tarread
 from plugin.archive.tar.reader import TarFormatError, TarReader
 from plugin.idtools import IDMappings
+from tests.unit.test_archive_util import Entry, make_tar, read_all
 
 
 def _entries(data: bytes) -> list[tuple[object, ...]]:
     reader = TarReader(io.BytesIO(data))
-    out = []
+    out: list[tuple[object, ...]] = []
     while (entry := reader.next()) is not None:
         body = reader.read_body(entry) if entry.isreg() and entry.sparse is None else b""
         out.append((entry.name, entry.type, entry.mode, entry.uid, entry.gid, entry.size,
@@ -33,7 +33,7 @@ def _entries(data: bytes) -> list[tuple[object, ...]]:
 
 
 def _tarfile_entries(data: bytes) -> list[tuple[object, ...]]:
-    out = []
+    out: list[tuple[object, ...]] = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r|", encoding="utf-8",
                       errors="surrogateescape") as tar:
         for info in tar:

@@ -9,10 +9,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from test_archive_util import Entry, make_tar, read_all, tar_members, tree_files
 
 from plugin.archive import ApplyOptions, apply_layer, export_tree
 from plugin.idtools import IDMappings
+from tests.unit.test_archive_util import Entry, make_tar, read_all, tar_members, tree_files
 
 REG, DIR, LNK = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE
 AUFS, OVERLAY = ApplyOptions(), ApplyOptions(whiteout_format="overlay")
@@ -125,7 +125,8 @@ def test_overlay_export_converts_back_to_aufs_form(tmp_path: Path) -> None:
     assert wh.isreg() and wh.size == 0 and wh.mode == 0o600
     assert by_name["opt/.wh..wh..opq"].mode == 0o750
     assert not any(k.startswith("SCHILY.xattr.trusted.overlay") for k in by_name["opt"].pax_headers)
-    assert by_name["null"].ischr() and (by_name["null"].devmajor, by_name["null"].devminor) == (1, 3)
+    null = by_name["null"]
+    assert null.ischr() and (null.devmajor, null.devminor) == (1, 3)
     # The same tree in aufs mode keeps the device as a device.
     plain = tar_members(read_all(export_tree(str(upper), IDMappings())))
     assert "etc/victim" in [m.name for m in plain]

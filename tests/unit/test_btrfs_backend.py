@@ -55,7 +55,7 @@ def test_home_not_on_btrfs_is_incompatible() -> None:
 
 
 def test_unknown_option_is_refused(home: str) -> None:
-    with pytest.raises(InvalidArgument, match="btrfs.nosuch|nosuch"):
+    with pytest.raises(InvalidArgument, match=r"btrfs\.nosuch|nosuch"):
         registry.get_driver("btrfs", home, ["btrfs.nosuch=1"], IDMappings())
     # options addressed to other drivers are dockerd's unfiltered pass-through
     registry.get_driver("btrfs", home, ["overlay2.size=1G"], IDMappings()).cleanup()

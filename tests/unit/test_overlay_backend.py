@@ -14,7 +14,7 @@ import pytest
 from plugin.backends.overlay import LINK_LEN, OverlayDriver
 from plugin.driver import mountapi, registry
 from plugin.driver.base import CreateOpts
-from plugin.driver.probes import dirent_types, supports_d_type
+from plugin.driver.probes import dirent_types, fs_name, supports_d_type
 from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported
 from plugin.idtools import IDMap, IDMappings
 from tests.support.mounts import assert_no_mounts_under
@@ -75,7 +75,7 @@ def test_overlay_on_overlay_is_refused_and_auto_falls_back(tmp_path: str) -> Non
 
 
 def test_auto_picks_overlay_on_a_plain_filesystem(home: str) -> None:
-    if os.path.exists("/dev/zfs") or registry.fs_name(os.path.dirname(home)) in ("btrfs", "zfs"):
+    if os.path.exists("/dev/zfs") or fs_name(os.path.dirname(home)) in ("btrfs", "zfs"):
         pytest.skip("a native-fs backend would win here")
     chosen = registry.new(home, [], IDMappings())
     try:

@@ -31,7 +31,7 @@ def test_aufs_names_the_missing_kernel_feature(tmp_path: str) -> None:
     with open("/proc/filesystems") as f:
         if "aufs" in f.read():
             pytest.skip("host kernel has aufs")
-    with pytest.raises(Prerequisites, match="aufs.*/proc/filesystems"):
+    with pytest.raises(Prerequisites, match=r"aufs.*/proc/filesystems"):
         registry.get_driver("aufs", str(tmp_path), [], IDMappings())
 
 
@@ -43,7 +43,7 @@ def test_auto_falls_back_by_priority(tmp_path: str) -> None:
 def test_vfs_refuses_a_size_it_cannot_enforce(tmp_path: str) -> None:
     with pytest.raises(NotSupported, match="quota"):
         registry.get_driver("vfs", str(tmp_path), ["vfs.size=10G"], IDMappings())
-    with pytest.raises(InvalidArgument, match="vfs.bogus"):
+    with pytest.raises(InvalidArgument, match=r"vfs\.bogus"):
         registry.get_driver("vfs", str(tmp_path), ["vfs.bogus=1"], IDMappings())
     # options addressed to other drivers are dockerd's to pass, not ours to refuse
     registry.get_driver("vfs", str(tmp_path), ["overlay2.override_kernel_check=1"], IDMappings())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -148,10 +149,8 @@ def test_refcount_journal_is_compacted(tmp_path: str, monkeypatch: pytest.Monkey
 def _open_paths() -> set[str]:
     paths = set()
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             paths.add(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
     return paths
 
 

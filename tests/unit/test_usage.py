@@ -13,7 +13,7 @@ from plugin.driver import registry
 from plugin.driver.base import CreateOpts, Driver
 from plugin.errors import NotFound
 from plugin.idtools import IDMappings
-from tests.unit.overlay_util import assert_no_mounts_under
+from tests.support.mounts import assert_no_mounts_under
 
 
 def write(path: str, data: bytes) -> None:

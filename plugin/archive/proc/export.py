@@ -33,6 +33,7 @@ outlives the export.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import fcntl
 import gc
@@ -294,10 +295,9 @@ class _Leader:
         room = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
         chunks = _bounded(chunks, min(CHUNK_MESSAGE_BYTES, room // HELPER_AHEAD))
         pipe_r, pipe_w = os.pipe()
-        try:
+        # A lower pipe-max-size: the helper runs less far ahead.
+        with contextlib.suppress(OSError):
             fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, HELPER_PIPE_BYTES)
-        except OSError:
-            pass  # a lower pipe-max-size: the helper runs less far ahead
         leader = os.getpid()
         # Neither process's collector will touch (and so copy) the objects they share.
         gc.freeze()
@@ -377,7 +377,7 @@ def _helper_main(sock: socket.socket, pipe: int, leader: int, writer: _ChunkWrit
         _report(channel, "pipe", str(exc))
     except (StrataError, OSError, ValueError, KeyError) as exc:
         _report(channel, "error", str(exc))
-    except BaseException as exc:  # noqa: BLE001 - the leader must hear of it
+    except BaseException as exc:
         os.write(2, traceback.format_exc().encode())
         _report(channel, "error", f"export helper: {exc!r}")
     finally:
@@ -386,10 +386,8 @@ def _helper_main(sock: socket.socket, pipe: int, leader: int, writer: _ChunkWrit
 
 def _report(channel: _Channel | None, kind: str, message: str) -> None:
     if channel is not None:
-        try:
+        with contextlib.suppress(OSError, StrataError):  # the leader is gone too
             channel.send("x", kind, message)
-        except (OSError, StrataError):
-            pass  # the leader is gone too
 
 
 def _die_with_parent(leader: int) -> None:
@@ -401,8 +399,6 @@ def _die_with_parent(leader: int) -> None:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     os.waitpid(pid, 0)

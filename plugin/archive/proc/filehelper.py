@@ -26,6 +26,7 @@ directory in the way) and the count of xattrs the filesystem refused.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -139,18 +140,14 @@ class FileHelper:
     def stop(self) -> None:
         """End B without waiting for its work (A is failing anyway)."""
         if self.pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, 9)
-            except ProcessLookupError:
-                pass
             self._reap()
 
     def _reap(self) -> None:
         for fd in (self._out, self._in):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         if self.pid:
             os.waitpid(self.pid, 0)
             self.pid = 0
@@ -185,7 +182,8 @@ def _serve(rfd: int, wfd: int) -> None:
         pos, end = 0, len(buf)
         try:
             while end - pos >= _HEADER.size:
-                kind, uid, gid, mode, atime, mtime, plen, xlen, blen = _HEADER.unpack_from(view, pos)
+                (kind, uid, gid, mode, atime, mtime,
+                 plen, xlen, blen) = _HEADER.unpack_from(view, pos)
                 start = pos + _HEADER.size
                 stop = start + plen + xlen + blen
                 if stop > end:

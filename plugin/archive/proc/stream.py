@@ -9,6 +9,7 @@ These functions block: call them from a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -244,10 +245,9 @@ def _widen_pipe(pipe: IO[bytes] | None) -> None:
     /proc/sys/fs/pipe-max-size) lets each side move a whole chunk per wake-up."""
     if pipe is None:
         return
-    try:
+    # An unprivileged limit lower than 1 MiB: keep the default size.
+    with contextlib.suppress(OSError):
         fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _CHUNK)
-    except OSError:
-        pass  # an unprivileged limit lower than 1 MiB: keep the default size
 
 
 def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
@@ -268,17 +268,15 @@ def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
                     stdin.write(chunk)
                 except BrokenPipeError:
                     child_reading = False
-    try:
+    with contextlib.suppress(BrokenPipeError):
         stdin.close()
-    except BrokenPipeError:
-        pass
 
 
 def _drain(stream: BinaryIO) -> None:
     try:
         while stream.read(_CHUNK):
             pass
-    except Exception as exc:  # noqa: BLE001 - the original error is what matters
+    except Exception as exc:
         log.debug("draining the layer stream stopped: %s", exc)
 
 

@@ -199,7 +199,7 @@ def _run_child(job: Job, argv: list[str], fds: list[int]) -> None:
         code = job(argv)
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - the child must reach os._exit
+    except BaseException:
         with contextlib.suppress(Exception):
             os.write(2, traceback.format_exc().encode())
     finally:

@@ -402,7 +402,7 @@ def _frombuf(block: bytes) -> Entry:
         name = name.rstrip("/")
     if prefix[0] and kind not in _GNU_TYPES:
         name = _nts(prefix) + "/" + name
-    is_device = kind == CHRTYPE or kind == BLKTYPE
+    is_device = kind in (CHRTYPE, BLKTYPE)
     return Entry(
         name, kind, _num(mode), _num(uid), _num(gid), _num(size), _num(mtime),
         _nts(raw_link) if raw_link[0] else "",
