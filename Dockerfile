@@ -28,7 +28,7 @@
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /src/
 COPY plugin /src/plugin
 # pip and setuptools only install; the running plugin needs neither.
@@ -39,7 +39,7 @@ RUN python3 -m venv /opt/strata \
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/strata /opt/strata
 
 ENTRYPOINT ["/opt/strata/bin/strata"]

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -22,8 +21,8 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.engine import harness
@@ -117,3 +116,158 @@ def _slim(tree: Path) -> None:
         shutil.copy(HOST_CA_BUNDLE, tree / "etc/ssl/certs/host-ca-bundle.crt")
         (tree / "etc/pip.conf").write_text(
             "[global]\ncert = /etc/ssl/certs/host-ca-bundle.crt\n")
+
+
+# ---------------------------------------------------------------------------
+# a private mount namespace with its own /run/docker/plugins
+
+
+def _mnt_ns(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+@dataclass
+class MountNamespace:
+    """``unshare -m --propagation slave``, held open by a ``sleep``; the host's
+    mounts reach in, nothing made inside reaches out. Ends with its holder (and
+    every mount in it), once nothing else runs in it."""
+
+    holder: subprocess.Popen[bytes]
+    ns: str
+
+    @classmethod
+    def start(cls) -> MountNamespace:
+        holder = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "slave", "sleep", "infinity"],
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while _mnt_ns(holder.pid) == _mnt_ns("self"):
+            if time.monotonic() > deadline or holder.poll() is not None:
+                holder.kill()
+                raise harness.HarnessError("unshare -m did not make a mount namespace")
+            time.sleep(0.02)
+        namespace = cls(holder, _mnt_ns(holder.pid))
+        try:
+            namespace.run("mkdir", "-p", str(harness.PLUGIN_SOCKET_DIR))
+            namespace.run("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs",
+                          str(harness.PLUGIN_SOCKET_DIR))
+        except BaseException:
+            namespace.close()
+            raise
+        return namespace
+
+    def prefix(self) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "--"]
+
+    def run(self, *argv: str) -> str:
+        result = subprocess.run([*self.prefix(), *argv], check=False, capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise harness.HarnessError(f"{' '.join(argv)} in the namespace: {result.stderr}")
+        return result.stdout
+
+    def members(self) -> list[int]:
+        """Processes still in the namespace, the holder aside."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != self.holder.pid:
+                try:
+                    if _mnt_ns(entry.name) == self.ns:
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
+
+    def close(self) -> None:
+        """End the holder; anything still inside was a leak: end it by pid, report it."""
+        leaked = self.members()
+        for pid in leaked:
+            harness.terminate_pid(pid, timeout=10.0)
+        harness.terminate_pid(self.holder.pid)
+        self.holder.wait(10)
+        if leaked:
+            raise harness.HarnessError(f"processes left in the test namespace: {leaked}")
+
+
+@dataclass
+class NsDockerd(harness.Dockerd):
+    """harness.Dockerd, run inside ``namespace``."""
+
+    namespace: MountNamespace | None = None
+
+    def argv(self) -> list[str]:
+        assert self.namespace is not None
+        return [*self.namespace.prefix(), *super().argv()]
+
+    @property
+    def containerd_address(self) -> Path:
+        return self.exec_root / "containerd" / "containerd.sock"
+
+    def plugin_pid(self, plugin_id: str, timeout: float = 20.0) -> int:
+        """The pid of a managed plugin: dockerd runs it as a containerd task named by
+        its ID in the ``plugins.moby`` namespace."""
+        deadline = time.monotonic() + timeout
+        listing = ""
+        while time.monotonic() < deadline:
+            listing = subprocess.run(
+                ["ctr", "--address", str(self.containerd_address), "-n", "plugins.moby",
+                 "task", "ls"], check=False, capture_output=True, text=True).stdout
+            for line in listing.splitlines()[1:]:
+                task, pid, status = line.split()[:3]
+                if task == plugin_id and status == "RUNNING":
+                    return int(pid)
+            time.sleep(0.2)
+        raise harness.HarnessError(f"no running task {plugin_id} in plugins.moby:\n{listing}"
+                                   + self.diagnostics())
+
+
+# ---------------------------------------------------------------------------
+# a registry on loopback (docker plugin upgrade pulls, always)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Registry:
+    workdir: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        # 127.0.0.0/8 is an insecure registry to dockerd by default: plain HTTP works
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        config = self.workdir / "registry.yml"
+        config.write_text(
+            "version: 0.1\nlog: {level: warn}\n"
+            f"storage: {{filesystem: {{rootdirectory: {self.workdir / 'registry'}}}}}\n"
+            f"http: {{addr: {self.address}}}\n")
+        with open(self.workdir / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with direct.open(f"http://{self.address}/v2/", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise harness.HarnessError("docker-registry did not answer\n"
+                                   + harness.tail(self.workdir / "registry.log"))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            harness.terminate_pid(self.proc.pid)
+            self.proc.wait(10)
+            self.proc = None
