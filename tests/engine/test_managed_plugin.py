@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,7 @@ def build_and_create(world: World) -> str:
     world.dockerd.docker("build", "-t", image + "-v2", str(context),
                          env={"DOCKER_BUILDKIT": "0"})
     world.step("image builds", started)
+    plain_container_serves(world, image)
 
     started = time.monotonic()
     upgrade_ref = f"{world.registry.address}/{world.name}:v2"
@@ -137,6 +139,34 @@ def build_and_create(world: World) -> str:
     world.docker("plugin", "enable", world.name)
     world.step("plugin-create x2 + push + enable", started)
     return upgrade_ref
+
+
+def plain_container_serves(world: World, image: str) -> None:
+    """The Dockerfile's other use, as its header runs it: a container serving the socket."""
+    started = time.monotonic()
+    sockets, state = world.dockerd.workdir / "plain-sockets", world.dockerd.workdir / "plain"
+    sockets.mkdir()
+    # not --privileged: this machine's capability bounding set lacks CAP_SYS_RESOURCE,
+    # and dockerd 20.10 asks runc for every capability then; serving needs none.
+    cid = world.docker("run", "-d", "--cap-add", "SYS_ADMIN", "--network", "none",
+                       "-v", f"{sockets}:/run/docker/plugins", "-v", f"{state}:/var/lib/strata",
+                       image, "serve", "--backend", "auto")
+    try:
+        deadline = time.monotonic() + 30
+        answer = b""
+        while not answer and time.monotonic() < deadline:
+            with socket.socket(socket.AF_UNIX) as client:
+                try:
+                    client.connect(str(sockets / "strata.sock"))
+                except OSError:
+                    time.sleep(0.2)
+                    continue
+                client.sendall(b"POST /Plugin.Activate HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+                answer = client.recv(4096)
+        assert b"GraphDriver" in answer, world.docker("logs", cid)
+    finally:
+        world.docker("rm", "-f", cid)
+    world.step("plain container serves", started)
 
 
 def plugin_create(world: World, name: str, image: str) -> None:
@@ -170,7 +200,9 @@ def run_diff_commit(world: World, rootfs: Rootfs) -> str:
     # the busybox tree has a char device: the plugin's device cgroup must allow it
     world.docker("import", str(rootfs.tar), BASE_IMAGE)
     assert world.docker("run", "--rm", "--network", "none", BASE_IMAGE, "echo", "hi") == "hi"
-    keep = world.docker("run", "-d", "--network", "none", BASE_IMAGE, "sleep", "100000")
+    # sleep as pid 1 ignores SIGTERM: a short stop timeout keeps dockerd restarts quick
+    keep = world.docker("run", "-d", "--stop-timeout", "1", "--network", "none", BASE_IMAGE,
+                        "sleep", "100000")
     world.docker("exec", keep, "sh", "-c", "echo m > /marker")
     assert "A /marker" in world.docker("diff", keep).splitlines()
     world.docker("commit", keep, "img2")
