@@ -1,4 +1,5 @@
-"""The ``strata`` command: serve, snapshotter, install, uninstall, check.
+"""The ``strata`` command: serve, snapshotter, install, uninstall, check, fsck,
+plugin-create.
 
 Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
 ``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
@@ -13,9 +14,11 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TextIO
 
+from plugin import managed
 from plugin.driver.registry import KNOWN
+from plugin.errors import StrataError
 from plugin.printable import PrintableFormatter
 from plugin.snapshotter import BACKENDS as SNAPSHOTTER_BACKENDS
 
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_socket_options(serve)
     serve.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
     serve.add_argument("--state-dir", default=_env("state-dir", None),
-                       help="where the plugin keeps its own state (default /var/lib/strata/NAME)")
+                       help="where the plugin keeps its own state (default /var/lib/strata/NAME; "
+                            f"{managed.MANAGED_STATE_DIR} with --managed)")
     serve.add_argument("--spec-dir", default=_env("spec-dir", None),
                        help="write DIR/NAME.spec while serving (not needed when the socket "
                             "is in /run/docker/plugins, which dockerd scans itself)")
@@ -50,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a backend call may take before dockerd gets an Err "
                             "(0 = wait forever, as dockerd itself does; default 600)")
     _add_log_level(serve)
+    serve.add_argument("--managed", action="store_true", default=managed.is_managed(),
+                       help="run as a Docker managed plugin (set by its config.json as "
+                            "STRATA_MANAGED=1): state under /var/lib/docker, logs on stdout, "
+                            "fuse-overlayfs refused")
 
     snap = sub.add_parser("snapshotter", help="serve containerd's snapshots API (a "
                           "[proxy_plugins] snapshotter)")
@@ -82,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--min-age", type=float, default=600.0,
                       help="seconds a layer must be old before it can be an orphan (default 600)")
     fsck.add_argument("--repair", action="store_true", help="remove what was found")
+
+    create = sub.add_parser("plugin-create",
+                            help="make a Docker managed plugin NAME from strata's image")
+    create.add_argument("name", metavar="NAME",
+                        help="plugin name; dockerd's --storage-driver takes the same name")
+    create.add_argument("--image", required=True,
+                        help="an image built from strata's Dockerfile")
+    create.add_argument("--docker", default=_env("docker", "docker"),
+                        help="the docker CLI to run (default: docker on PATH); it talks to "
+                             "the dockerd DOCKER_HOST or the current context names")
+    create.add_argument("--config", default=None,
+                        help="a config.json to use instead of the one shipped with strata")
+    create.add_argument("--tmpdir", default=None,
+                        help="where to unpack the rootfs meanwhile (default: $TMPDIR)")
 
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
@@ -123,7 +145,7 @@ def run_server(main: Coroutine[Any, Any, None]) -> int:
     return 0
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, stream: TextIO = sys.stderr) -> None:
     # No record needs its caller's file and line, thread or process name (the
     # format has none of them): finding the caller walks the stack for every
     # line, and the server writes one line per call (logging HOWTO,
@@ -133,16 +155,36 @@ def configure_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     # Records name paths and Err texts, which may hold any byte (plugin/printable.py).
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def serve_state_dir(args: argparse.Namespace) -> str:
+    """``--state-dir``, else the default; an empty value means the default (the
+    managed plugin's config ships ``STRATA_STATE_DIR`` empty, so that the code
+    keeps choosing it: an upgrade never refreshes a plugin's settings)."""
+    if args.state_dir:
+        state_dir: str = args.state_dir
+    elif args.managed:
+        state_dir = managed.MANAGED_STATE_DIR
+    else:
+        state_dir = os.path.join("/var/lib/strata", args.name)
+    if args.managed and not managed.under_propagated_mount(state_dir):
+        logging.getLogger("strata").warning(
+            "state dir %s is outside the propagated mount %s: a docker plugin upgrade "
+            "replaces it, and every call then fails until dockerd restarts",
+            state_dir, managed.PROPAGATED_MOUNT)
+    return state_dir
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from plugin.server.serve import ServeConfig, serve
 
-    configure_logging(args.log_level)
+    # dockerd logs a managed plugin's stderr at error level, its stdout at info.
+    configure_logging(args.log_level, sys.stdout if args.managed else sys.stderr)
     name = args.name
+    state_dir = serve_state_dir(args)
     socket_path = args.socket or os.path.join(PLUGIN_SOCKET_DIR, f"{name}.sock")
     config = ServeConfig(
         name=name,
@@ -150,10 +192,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_mode=int(args.socket_mode, 8),
         socket_group=_socket_group(args),
         backend=args.backend,
-        state_dir=args.state_dir or os.path.join("/var/lib/strata", name),
+        state_dir=state_dir,
         spec_dir=args.spec_dir,
         options=tuple(args.storage_opt),
         deadline=args.deadline,
+        refused_backends=managed.REFUSED_BACKENDS if args.managed else {},
     )
     return run_server(serve(config))
 
@@ -182,6 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "snapshotter":
         return cmd_snapshotter(args)
+    if args.command == "plugin-create":
+        try:
+            managed.create_plugin(args.name, args.image, docker=args.docker,
+                                  config=args.config, tmpdir=args.tmpdir)
+        except StrataError as e:
+            print(f"strata plugin-create: {e}", file=sys.stderr)
+            return 1
+        print(f"created plugin {args.name}; next: docker plugin enable {args.name}, then "
+              f"restart dockerd with --experimental --storage-driver {args.name}",
+              file=sys.stderr)
+        return 0
     if args.command == "fsck":
         from plugin.fsck import fsck
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 
 from plugin.driver import registry
 from plugin.driver.base import Driver
-from plugin.errors import InvalidArgument, NotInitialized
+from plugin.errors import InvalidArgument, NotInitialized, Prerequisites
 from plugin.idtools import IDMap, IDMappings
 from plugin.state.config import InitRecord, load_init, save_init
 from plugin.state.ownership import refuse_snapshotter_state
@@ -21,11 +22,13 @@ log = logging.getLogger("strata.driver")
 
 
 class DriverManager:
-    def __init__(self, state_dir: str, backend: str,
-                 extra_options: list[str] | None = None) -> None:
+    def __init__(self, state_dir: str, backend: str, extra_options: list[str] | None = None,
+                 refused_backends: Mapping[str, str] | None = None) -> None:
         self.state_dir = state_dir
         self.backend = backend
         self.extra_options = list(extra_options or [])
+        #: backend -> the reason Init refuses it here; ``auto`` passes over these
+        self.refused_backends = dict(refused_backends or {})
         self._driver: Driver | None = None
         self._record: InitRecord | None = None
         self._lock = threading.Lock()
@@ -76,8 +79,11 @@ class DriverManager:
     def _activate(self, record: InitRecord) -> None:
         idmap: IDMappings = record.idmap
         with self._lock:
+            if record.backend in self.refused_backends:
+                raise Prerequisites(self.refused_backends[record.backend])
             if record.backend == "auto":
-                driver = registry.new(record.home, record.options, idmap)
+                driver = registry.new(record.home, record.options, idmap,
+                                      exclude=self.refused_backends.keys())
             else:
                 driver = registry.get_driver(record.backend, record.home, record.options, idmap)
             old, self._driver, self._record = self._driver, driver, record

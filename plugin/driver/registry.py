@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from plugin.driver.base import Driver, DriverInit
@@ -79,12 +80,15 @@ def get_driver(name: str, home: str, options: list[str], idmap: IDMappings) -> D
     return driver
 
 
-def new(home: str, options: list[str], idmap: IDMappings) -> Driver:
-    """``auto``: the backing fs's native backend first, then by priority."""
+def new(home: str, options: list[str], idmap: IDMappings,
+        exclude: Collection[str] = ()) -> Driver:
+    """``auto``: the backing fs's native backend first, then by priority, but none
+    of ``exclude``."""
     os.makedirs(home, mode=0o710, exist_ok=True)
     backing = fs_name(home)
     native = [b for b, fs in _NATIVE_FS.items() if fs == backing]
     order = native + [b for b in PRIORITY if b not in native and b not in _NATIVE_FS]
+    order = [b for b in order if b not in exclude]
     reasons = []
     for name in order:
         try:

@@ -9,7 +9,8 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -31,6 +32,8 @@ class ServeConfig:
     spec_dir: str | None
     options: tuple[str, ...] = ()
     deadline: float = 600.0
+    #: backend -> why it is refused at Init (a managed plugin refuses fuse-overlayfs)
+    refused_backends: Mapping[str, str] = field(default_factory=dict)
 
 
 def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
@@ -72,7 +75,8 @@ def write_spec(spec_dir: str, name: str, socket_path: str) -> str:
 
 
 async def serve(config: ServeConfig) -> None:
-    manager = DriverManager(config.state_dir, config.backend, list(config.options))
+    manager = DriverManager(config.state_dir, config.backend, list(config.options),
+                            refused_backends=config.refused_backends)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, manager.load_persisted)
     handler = PluginHandler(manager, deadline=config.deadline)
