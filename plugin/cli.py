@@ -1,4 +1,4 @@
-"""The ``strata`` command: serve, install, uninstall, check.
+"""The ``strata`` command: serve, install, uninstall, check, fsck, migrate.
 
 Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
 ``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a layer must be old before it can be an orphan (default 600)")
     fsck.add_argument("--repair", action="store_true", help="remove what was found")
 
+    # strata migrate (plugin/migrate): its options live with it
+    from plugin.migrate.command import add_parser as add_migrate_parser
+
+    add_migrate_parser(sub)
+
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
     return parser
@@ -118,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "migrate":
+        from plugin.migrate.command import main as migrate_main
+
+        return migrate_main(args)
     if args.command == "fsck":
         from plugin.fsck import fsck
 

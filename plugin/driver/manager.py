@@ -12,15 +12,17 @@ import threading
 
 from plugin.driver import registry
 from plugin.driver.base import Driver
-from plugin.errors import InvalidArgument, NotInitialized
+from plugin.errors import InvalidArgument, NotInitialized, Prerequisites
 from plugin.idtools import IDMap, IDMappings
+from plugin.migrate.journal import unfinished
 from plugin.state.config import InitRecord, load_init, save_init
 
 log = logging.getLogger("strata.driver")
 
 
 class DriverManager:
-    def __init__(self, state_dir: str, backend: str, extra_options: list[str] | None = None) -> None:
+    def __init__(self, state_dir: str, backend: str,
+                 extra_options: list[str] | None = None) -> None:
         self.state_dir = state_dir
         self.backend = backend
         self.extra_options = list(extra_options or [])
@@ -50,9 +52,14 @@ class DriverManager:
         self._activate(record)
         return True
 
-    def init(self, home: str, options: list[str], uid_maps: list[IDMap], gid_maps: list[IDMap]) -> None:
+    def init(self, home: str, options: list[str], uid_maps: list[IDMap],
+             gid_maps: list[IDMap]) -> None:
         if not os.path.isabs(home):
             raise InvalidArgument(f"Init: Home {home!r} is not an absolute path")
+        # dockerd's Home is <data-root>/<name>: refuse a root `strata migrate` is changing
+        migrating = unfinished(os.path.dirname(home.rstrip("/")))
+        if migrating:
+            raise Prerequisites(migrating)
         record = InitRecord(
             home=home, options=[*self.extra_options, *options],
             uid_maps=[(m.container_id, m.host_id, m.size) for m in uid_maps],
