@@ -17,6 +17,7 @@ Phases (the journal records the current one):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -112,11 +113,14 @@ def _prepare(layer_dir: str, into: Layout, parent: str) -> None:
 
 
 def _finish(layer_dir: str, into: Layout) -> None:
-    """Drop what only the other layout keeps (overlay2 has no meta.json)."""
+    """Drop what only the other layout keeps: overlay2 has no meta.json, and removes
+    ``merged/`` at each Put (making it again at Get), where strata keeps it."""
     if not into.layers_sub:
         meta = os.path.join(layer_dir, "meta.json")
         if os.path.exists(meta):
             os.unlink(meta)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(layer_dir, "merged"))  # only if empty (never mounted here)
 
 
 def _relink(home: str, layout: Layout, links: dict[str, str], other_home: str) -> None:

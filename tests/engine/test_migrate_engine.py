@@ -261,3 +261,63 @@ def test_migrate_there_and_back(made: Fixture, dockerd_bin: str) -> None:
         check_same(dockerd, made.seen, made.workdir)
     finally:
         dockerd.stop()
+
+
+def fresh_copy(pristine: Path, workdir: Path) -> Path:
+    root = workdir / "root"
+    subprocess.run(["cp", "-a", str(pristine), str(root)], check=True)
+    return root
+
+
+def refuses_to_start(dockerd: Dockerd) -> str:
+    """Start dockerd on a half-migrated root; return its log if it exits on its own."""
+    try:
+        dockerd.start(timeout=60)
+    except HarnessError as e:
+        dockerd.proc = None
+        return str(e)
+    dockerd.stop()
+    raise AssertionError(f"dockerd on {dockerd.driver} started on a half-migrated root")
+
+
+def check_refused_mid_way(root: Path, workdir: Path, dockerd_bin: str, name: str) -> None:
+    on_overlay2 = Dockerd(driver="overlay2", workdir=workdir, dockerd_bin=dockerd_bin)
+    assert "error initializing graphdriver" in refuses_to_start(on_overlay2)
+    plugin = Plugin(name=name, backend="overlay", state_dir=workdir / "state",
+                    log_path=workdir / "plugin.log")
+    plugin.start()
+    try:
+        on_strata = Dockerd(driver=name, workdir=workdir, dockerd_bin=dockerd_bin)
+        assert "strata migrate" in refuses_to_start(on_strata)
+    finally:
+        plugin.close()
+    # neither daemon made image metadata of its own (the rerun's end state is checked whole)
+    assert sorted(p.name for p in (root / "image").iterdir()) == ["overlay2"]
+
+
+def test_kill_at_every_step_then_rerun_or_back(made: Fixture, dockerd_bin: str) -> None:
+    name = unique_name("strata-k")
+    with_reference = harness.new_workdir()
+    try:
+        root = fresh_copy(made.pristine, with_reference)
+        before = root_state(root)
+        done = migrate(root, "--to", name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = root_state(root)
+    finally:
+        harness.remove_workdir(with_reference)
+    assert before != after
+    for point in MIGRATE_POINTS:
+        for finish in ((), ("--back",)):
+            workdir = harness.new_workdir()
+            try:
+                root = fresh_copy(made.pristine, workdir)
+                killed = migrate(root, "--to", name, faults=f"{point}=kill")
+                assert killed.returncode == -9, (point, killed.stdout, killed.stderr)
+                if point == "migrate.layer" and not finish:
+                    check_refused_mid_way(root, workdir, dockerd_bin, name)
+                rerun = migrate(root, "--to", name, *finish)
+                assert rerun.returncode == 0, (point, finish, rerun.stdout, rerun.stderr)
+                assert root_state(root) == (before if finish else after), (point, finish)
+            finally:
+                harness.remove_workdir(workdir)
