@@ -1,5 +1,5 @@
 """The ``strata`` command: serve, snapshotter, install, uninstall, check, fsck,
-plugin-create.
+plugin-create, migrate.
 
 Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
 ``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a config.json to use instead of the one shipped with strata")
     create.add_argument("--tmpdir", default=None,
                         help="where to unpack the rootfs meanwhile (default: $TMPDIR)")
+
+    # strata migrate (plugin/migrate): its options live with it
+    from plugin.migrate.command import add_parser as add_migrate_parser
+
+    add_migrate_parser(sub)
 
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
@@ -236,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
               f"restart dockerd with --experimental --storage-driver {args.name}",
               file=sys.stderr)
         return 0
+    if args.command == "migrate":
+        from plugin.migrate.command import main as migrate_main
+
+        return migrate_main(args)
     if args.command == "fsck":
         from plugin.fsck import fsck
 

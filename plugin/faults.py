@@ -33,13 +33,26 @@ POINTS = (
     "put",                # before a Put unmounts
 )
 
+#: ``strata migrate``'s steps (plugin/migrate): each fires once, after the step it names
+#: is durable, so a kill there leaves the state a rerun (or --back) must finish.
+MIGRATE_POINTS = (
+    "migrate.journal",    # the journal is written, nothing moved yet
+    "migrate.parked",     # one driver Home is parked (a blocker file in its place)
+    "migrate.layer",      # one layer renamed into the target layout, the rest not
+    "migrate.links",      # every short link points into the target layout
+    "migrate.images",     # image/<from> renamed to image/<to>
+    "migrate.container",  # one container's config.v2.json names the new driver
+    "migrate.committed",  # the target Home is live; the other side not yet cleared
+)
+
 
 def _parse(spec: str) -> dict[str, str]:
     faults = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         point, _, action = item.partition("=")
-        if point not in POINTS:
-            raise ValueError(f"STRATA_FAULTS: unknown point {point!r}; known: {', '.join(POINTS)}")
+        if point not in POINTS + MIGRATE_POINTS:
+            raise ValueError(f"STRATA_FAULTS: unknown point {point!r}; "
+                             f"known: {', '.join(POINTS + MIGRATE_POINTS)}")
         faults[point] = action or "kill"
     return faults
 

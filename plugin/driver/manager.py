@@ -15,6 +15,7 @@ from plugin.driver import registry
 from plugin.driver.base import Driver
 from plugin.errors import InvalidArgument, NotInitialized, Prerequisites
 from plugin.idtools import IDMap, IDMappings
+from plugin.migrate.journal import unfinished
 from plugin.state.config import InitRecord, load_init, save_init
 from plugin.state.ownership import refuse_snapshotter_state
 
@@ -60,6 +61,10 @@ class DriverManager:
         if not os.path.isabs(home):
             raise InvalidArgument(f"Home {home!r} is not an absolute path")
         refuse_snapshotter_state(home)
+        # dockerd's Home is <data-root>/<name>: refuse a root `strata migrate` is changing
+        migrating = unfinished(os.path.dirname(home.rstrip("/")))
+        if migrating:
+            raise Prerequisites(migrating)
         record = InitRecord(
             home=home, options=[*self.extra_options, *options],
             uid_maps=[(m.container_id, m.host_id, m.size) for m in uid_maps],
