@@ -1,7 +1,9 @@
-"""The ``strata`` command: serve, install, uninstall, check.
+"""The ``strata`` command: serve, install, uninstall, check, fsck, config.
 
-Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
-``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
+The settings (name, backend, socket, ...) are one table, ``plugin.config.OPTIONS``:
+each command's flags are built from it, and each value may also come from the
+config file (``/etc/strata/strata.toml`` or ``--config``) or the environment
+(``STRATA_<KEY>``); ``strata config`` shows the effective values and their source.
 """
 
 from __future__ import annotations
@@ -13,60 +15,47 @@ import logging
 import os
 import sys
 
-from plugin.driver.registry import KNOWN
+from plugin import config
+from plugin.errors import ConfigError
 
 DEFAULT_NAME = "strata"
 PLUGIN_SOCKET_DIR = "/run/docker/plugins"
 
 
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get("STRATA_" + name.upper().replace("-", "_"), default)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Docker graphdriver plugin")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the graphdriver protocol")
-    serve.add_argument("--name", default=_env("name", DEFAULT_NAME),
-                       help="plugin/driver name dockerd uses (default strata)")
-    serve.add_argument("--socket", default=_env("socket", None),
-                       help="unix socket path (default /run/docker/plugins/NAME.sock)")
-    serve.add_argument("--socket-mode", default=_env("socket-mode", "0600"),
-                       help="socket permissions, octal (default 0600)")
-    serve.add_argument("--socket-group", default=_env("socket-group", None),
-                       help="group owning the socket (use with --socket-mode 0660)")
-    serve.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
-    serve.add_argument("--state-dir", default=_env("state-dir", None),
-                       help="where the plugin keeps its own state (default /var/lib/strata/NAME)")
-    serve.add_argument("--spec-dir", default=_env("spec-dir", None),
-                       help="write DIR/NAME.spec while serving (not needed when the socket "
-                            "is in /run/docker/plugins, which dockerd scans itself)")
-    serve.add_argument("--storage-opt", action="append", default=[],
-                       help="backend option key=value (Docker's prefixes: vfs., overlay2., …)")
-    serve.add_argument("--deadline", type=float, default=float(_env("deadline", "600") or 600),
-                       help="seconds a backend call may take before dockerd gets an Err "
-                            "(0 = wait forever, as dockerd itself does; default 600)")
-    serve.add_argument("--log-level", default=_env("log-level", "info"),
-                       choices=["debug", "info", "warning", "error"])
+    serve = sub.add_parser(
+        "serve", help="serve the graphdriver protocol",
+        epilog=f"Every option is also a key of the config file ({config.DEFAULT_FILE}, "
+               "KEY = value) and a variable STRATA_KEY; flag > variable > file > default.")
+    config.add_options(serve, config.SERVE)
 
     for verb in ("install", "uninstall"):
         cmd = sub.add_parser(verb, help=f"{verb} the spec file and systemd units")
-        cmd.add_argument("--name", default=_env("name", DEFAULT_NAME))
-        cmd.add_argument("--spec-dir", default="/etc/docker/plugins")
-        cmd.add_argument("--unit-dir", default="/etc/systemd/system")
-        cmd.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
+        config.add_options(cmd, config.INSTALL)
+        cmd.add_argument("--spec-dir", default="/etc/docker/plugins",
+                         help="where dockerd looks for spec files (default /etc/docker/plugins)")
+        cmd.add_argument("--unit-dir", default="/etc/systemd/system",
+                         help="where the systemd units go (default /etc/systemd/system)")
         if verb == "install":
             cmd.add_argument("--start", action="store_true",
                              help="also start serving (systemd if it is init, else detached)")
 
     fsck = sub.add_parser("fsck", help="list orphaned layers, leaked mounts and debris")
-    fsck.add_argument("--home", default=None, help="the Home to check (default: the recorded Init's)")
-    fsck.add_argument("--name", default=_env("name", DEFAULT_NAME))
-    fsck.add_argument("--state-dir", default=_env("state-dir", None))
+    config.add_options(fsck, config.FSCK)
+    fsck.add_argument("--home", default=None,
+                      help="the Home to check (default: the recorded Init's)")
     fsck.add_argument("--min-age", type=float, default=600.0,
                       help="seconds a layer must be old before it can be an orphan (default 600)")
     fsck.add_argument("--repair", action="store_true", help="remove what was found")
+
+    shown = sub.add_parser("config", help="print the effective configuration and where each "
+                                          "value came from")
+    config.add_options(shown, config.CONFIG)
 
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
@@ -96,13 +85,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         name=name,
         socket_path=os.path.abspath(socket_path),
-        socket_mode=int(args.socket_mode, 8),
+        socket_mode=args.socket_mode,
         socket_group=grp.getgrnam(args.socket_group).gr_gid if args.socket_group else None,
         backend=args.backend,
         state_dir=args.state_dir or os.path.join("/var/lib/strata", name),
         spec_dir=args.spec_dir,
         options=tuple(args.storage_opt),
         deadline=args.deadline,
+        metrics_socket=args.metrics_socket,
+        metrics_address=args.metrics_address,
     )
     tune_allocator()
     try:
@@ -116,6 +107,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "check":
+        try:
+            settings = config.resolve(args, args.command.replace("uninstall", "install"))
+        except ConfigError as e:
+            print(f"strata {args.command}: {e}", file=sys.stderr)
+            return 2
+        # The commands read their settings as attributes, whatever the source.
+        vars(args).update(settings.values)
+        args.settings = settings
+    if args.command == "config":
+        print(config.describe(args.settings), end="")
+        return 0
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "fsck":

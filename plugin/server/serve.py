@@ -31,6 +31,9 @@ class ServeConfig:
     spec_dir: str | None
     options: tuple[str, ...] = ()
     deadline: float = 600.0
+    #: Serve Prometheus metrics on this unix socket / HOST:PORT (off when None).
+    metrics_socket: str | None = None
+    metrics_address: str | None = None
 
 
 def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
