@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import msgspec
 
-from plugin.driver.base import MountSpec
+from plugin.driver.base import MountSpec, Usage
 from plugin.errors import InvalidArgument
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
@@ -147,6 +147,10 @@ class RefCountedStore:
 
     def close(self) -> None:
         self.refs.close()
+
+    def usage(self) -> Usage:
+        return Usage(layers=len(self.store.ids()), mounts=len(self.mounted_ids()),
+                     references=sum(self.refs.active().values()))
 
     # ---- answers from memory (on the event loop) --------------------------------
     def exists_nowait(self, layer_id: str) -> bool | None:

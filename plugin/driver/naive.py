@@ -20,7 +20,14 @@ from plugin.archive import (
     export_changes,
     export_tree,
 )
-from plugin.driver.base import Capabilities, CreateOpts, Driver, MountSpec, ProtoDriver
+from plugin.driver.base import (
+    Capabilities,
+    CreateOpts,
+    Driver,
+    MountSpec,
+    ProtoDriver,
+    Usage,
+)
 from plugin.idtools import IDMappings
 from plugin.state.refcount import internal_references
 
@@ -101,6 +108,9 @@ class NaiveDiffDriver(Driver):
 
     def capabilities(self) -> Capabilities:
         return self.proto.capabilities()
+
+    def usage(self) -> Usage | None:
+        return self.proto.usage()
 
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         return self.proto.applying(layer_id)
