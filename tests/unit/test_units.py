@@ -1,4 +1,5 @@
-"""The systemd units: the repo's and what ``strata install`` writes pass ``systemd-analyze
+"""The systemd units (tests/unit/test_activation.py checks the repo's are what install
+renders): the repo's and what ``strata install`` writes pass ``systemd-analyze
 verify`` with no warning, carry the hardening (and only inet when a metrics address is
 configured), and score the exposure the README states."""
 
@@ -12,8 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from plugin.install import render_units
 
 REPO = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
@@ -51,11 +50,6 @@ def runnable_copy(src: Path, dest: Path) -> Path:
         text = unit.read_text().replace(INSTALLED_PYTHON, sys.executable)
         (dest / unit.name).write_text(text)
     return dest
-
-
-def test_repo_units_are_what_install_renders() -> None:
-    for unit, text in render_units("strata", [], python=INSTALLED_PYTHON).items():
-        assert (REPO / "systemd" / unit).read_text() == text, unit
 
 
 @needs_analyze
