@@ -1,8 +1,10 @@
-"""The ``strata`` command: serve, snapshotter, install, uninstall, check, fsck,
+"""The ``strata`` command: serve, snapshotter, install, uninstall, check, fsck, config,
 plugin-create, migrate.
 
-Every option can also come from the environment (``STRATA_<OPTION>``, e.g.
-``STRATA_BACKEND=vfs``), which is how the systemd unit configures it.
+The settings (name, backend, socket, ...) are one table, ``plugin.config.OPTIONS``:
+each command's flags are built from it, and each value may also come from the
+config file (``/etc/strata/strata.toml`` or ``--config``) or the environment
+(``STRATA_<KEY>``); ``strata config`` shows the effective values and their source.
 """
 
 from __future__ import annotations
@@ -16,44 +18,23 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TextIO
 
-from plugin import managed
-from plugin.driver.registry import KNOWN
-from plugin.errors import StrataError
+from plugin import config, managed
+from plugin.errors import ConfigError, StrataError
 from plugin.printable import PrintableFormatter
-from plugin.snapshotter import BACKENDS as SNAPSHOTTER_BACKENDS
 
 DEFAULT_NAME = "strata"
 PLUGIN_SOCKET_DIR = "/run/docker/plugins"
-DEFAULT_SNAPSHOTTER_SOCKET = "/run/strata/snapshotter.sock"
-DEFAULT_SNAPSHOTTER_ROOT = "/var/lib/strata/snapshotter"
-
-
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get("STRATA_" + name.upper().replace("-", "_"), default)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Docker graphdriver plugin")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the graphdriver protocol")
-    serve.add_argument("--name", default=_env("name", DEFAULT_NAME),
-                       help="plugin/driver name dockerd uses (default strata)")
-    serve.add_argument("--socket", default=_env("socket", None),
-                       help="unix socket path (default /run/docker/plugins/NAME.sock)")
-    _add_socket_options(serve)
-    serve.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
-    serve.add_argument("--state-dir", default=_env("state-dir", None),
-                       help="where the plugin keeps its own state (default /var/lib/strata/NAME; "
-                            f"{managed.MANAGED_STATE_DIR} with --managed)")
-    serve.add_argument("--spec-dir", default=_env("spec-dir", None),
-                       help="write DIR/NAME.spec while serving (not needed when the socket "
-                            "is in /run/docker/plugins, which dockerd scans itself)")
-    _add_storage_opt(serve)
-    serve.add_argument("--deadline", type=float, default=float(_env("deadline", "600") or 600),
-                       help="seconds a backend call may take before dockerd gets an Err "
-                            "(0 = wait forever, as dockerd itself does; default 600)")
-    _add_log_level(serve)
+    serve = sub.add_parser(
+        "serve", help="serve the graphdriver protocol",
+        epilog=f"Every option is also a key of the config file ({config.DEFAULT_FILE}, "
+               "KEY = value) and a variable STRATA_KEY; flag > variable > file > default.")
+    config.add_options(serve, config.SERVE)
     serve.add_argument("--managed", action="store_true", default=managed.is_managed(),
                        help="run as a Docker managed plugin (set by its config.json as "
                             "STRATA_MANAGED=1): state under /var/lib/docker, logs on stdout, "
@@ -61,35 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     snap = sub.add_parser("snapshotter", help="serve containerd's snapshots API (a "
                           "[proxy_plugins] snapshotter)")
-    snap.add_argument("--socket", default=_env("socket", DEFAULT_SNAPSHOTTER_SOCKET),
-                      help=f"unix socket path (default {DEFAULT_SNAPSHOTTER_SOCKET})")
-    _add_socket_options(snap)
-    snap.add_argument("--root", default=_env("root", DEFAULT_SNAPSHOTTER_ROOT),
-                      help="where snapshots and their records live, never a Docker Home "
-                           f"(default {DEFAULT_SNAPSHOTTER_ROOT})")
-    snap.add_argument("--backend", default=_env("backend", "overlay"),
-                      choices=SNAPSHOTTER_BACKENDS)
-    _add_storage_opt(snap)
-    _add_log_level(snap)
+    config.add_options(snap, config.SNAPSHOTTER)
 
     for verb in ("install", "uninstall"):
         cmd = sub.add_parser(verb, help=f"{verb} the spec file and systemd units")
-        cmd.add_argument("--name", default=_env("name", DEFAULT_NAME))
-        cmd.add_argument("--spec-dir", default="/etc/docker/plugins")
-        cmd.add_argument("--unit-dir", default="/etc/systemd/system")
-        cmd.add_argument("--backend", default=_env("backend", "auto"), choices=[*KNOWN, "auto"])
+        config.add_options(cmd, config.INSTALL)
+        cmd.add_argument("--spec-dir", default="/etc/docker/plugins",
+                         help="where dockerd looks for spec files (default /etc/docker/plugins)")
+        cmd.add_argument("--unit-dir", default="/etc/systemd/system",
+                         help="where the systemd units go (default /etc/systemd/system)")
         if verb == "install":
             cmd.add_argument("--start", action="store_true",
                              help="also start serving (systemd if it is init, else detached)")
 
     fsck = sub.add_parser("fsck", help="list orphaned layers, leaked mounts and debris")
+    config.add_options(fsck, config.FSCK)
     fsck.add_argument("--home", default=None,
                       help="the Home to check (default: the recorded Init's)")
-    fsck.add_argument("--name", default=_env("name", DEFAULT_NAME))
-    fsck.add_argument("--state-dir", default=_env("state-dir", None))
     fsck.add_argument("--min-age", type=float, default=600.0,
                       help="seconds a layer must be old before it can be an orphan (default 600)")
     fsck.add_argument("--repair", action="store_true", help="remove what was found")
+
+    shown = sub.add_parser("config", help="print the effective configuration and where each "
+                                          "value came from")
+    config.add_options(shown, config.CONFIG)
 
     create = sub.add_parser("plugin-create",
                             help="make a Docker managed plugin NAME from strata's image")
@@ -97,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plugin name; dockerd's --storage-driver takes the same name")
     create.add_argument("--image", required=True,
                         help="an image built from strata's Dockerfile")
-    create.add_argument("--docker", default=_env("docker", "docker"),
+    create.add_argument("--docker", default="docker",
                         help="the docker CLI to run (default: docker on PATH); it talks to "
                              "the dockerd DOCKER_HOST or the current context names")
     create.add_argument("--config", default=None,
@@ -113,23 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
     return parser
-
-
-def _add_socket_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket-mode", default=_env("socket-mode", "0600"),
-                        help="socket permissions, octal (default 0600)")
-    parser.add_argument("--socket-group", default=_env("socket-group", None),
-                        help="group owning the socket (use with --socket-mode 0660)")
-
-
-def _add_storage_opt(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-opt", action="append", default=[],
-                        help="backend option key=value (Docker's prefixes: vfs., overlay2., …)")
-
-
-def _add_log_level(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=_env("log-level", "info"),
-                        choices=["debug", "info", "warning", "error"])
 
 
 def _socket_group(args: argparse.Namespace) -> int | None:
@@ -194,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         name=name,
         socket_path=os.path.abspath(socket_path),
-        socket_mode=int(args.socket_mode, 8),
+        socket_mode=args.socket_mode,
         socket_group=_socket_group(args),
         backend=args.backend,
         state_dir=state_dir,
@@ -202,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=tuple(args.storage_opt),
         deadline=args.deadline,
         refused_backends=managed.REFUSED_BACKENDS if args.managed else {},
+        metrics_socket=args.metrics_socket,
+        metrics_address=args.metrics_address,
     )
     return run_server(serve(config))
 
@@ -214,18 +175,36 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     for chatty in ("h2", "hpack"):
         logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     config = SnapshotterConfig(
-        socket_path=os.path.abspath(args.socket),
-        root=os.path.abspath(args.root),
-        backend=args.backend,
-        socket_mode=int(args.socket_mode, 8),
+        socket_path=os.path.abspath(args.snapshotter_socket),
+        root=os.path.abspath(args.snapshotter_root),
+        backend=args.snapshotter_backend,
+        socket_mode=args.socket_mode,
         socket_group=_socket_group(args),
         options=tuple(args.storage_opt),
     )
     return run_server(serve_snapshotter(config))
 
 
+#: Commands whose settings come from the table (plugin/config.py).
+CONFIGURED = {"serve": config.SERVE, "snapshotter": config.SNAPSHOTTER,
+              "install": config.INSTALL, "uninstall": config.INSTALL, "fsck": config.FSCK,
+              "config": config.CONFIG}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in CONFIGURED:
+        try:
+            settings = config.resolve(args, CONFIGURED[args.command])
+        except ConfigError as e:
+            print(f"strata {args.command}: {e}", file=sys.stderr)
+            return 2
+        # The commands read their settings as attributes, whatever the source.
+        vars(args).update(settings.values)
+        args.settings = settings
+    if args.command == "config":
+        print(config.describe(args.settings), end="")
+        return 0
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "snapshotter":

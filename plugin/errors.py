@@ -78,3 +78,9 @@ class DeadlineExceeded(StrataError):
     """A backend operation did not finish within its deadline."""
 
     http_status = 504
+
+
+class ConfigError(InvalidArgument):
+    """A setting that cannot be used: an unknown key in the config file, a value
+    of the wrong type, a named config file that is missing (the message names the
+    key and the file or variable)."""

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from plugin import config
 from plugin.driver import probes
 
 #: The directory that holds the ``plugin`` package: a detached server started
@@ -32,10 +33,40 @@ def socket_path(name: str) -> str:
     return f"/run/docker/plugins/{name}.sock"
 
 
-def render_units(name: str, backend: str, python: str = sys.executable) -> dict[str, str]:
-    """The systemd unit pair for plugin ``name`` (systemd/ holds the default one)."""
-    exec_start = shlex.join([python, "-m", "plugin", "serve", "--name", name,
-                             "--backend", backend])
+#: What strata needs of root's powers (found by running the protocol suite under
+#: exactly this bounding set, README "systemd units"): mounts, overlay's
+#: trusted.* xattrs and btrfs ioctls (SYS_ADMIN), layer owners (CHOWN), device
+#: nodes and overlay whiteouts (MKNOD), the chrooted extraction (SYS_CHROOT),
+#: files whatever their owner and mode (DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER),
+#: setuid bits kept through chown (FSETID), file capabilities (SETFCAP).
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER",
+                "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT")
+
+#: Why the usual sandboxing options are absent (written into the unit).
+HARDENING_NOTE = """\
+# Hardening that keeps strata's mounts visible to dockerd.  dockerd hands the
+# path Get returns to the container runtime, so the layer mounts strata makes
+# must be in the host's mount namespace: ProtectSystem=, ProtectHome=,
+# PrivateTmp=, PrivateDevices=, ProtectKernelTunables=, ProtectKernelModules=,
+# ProtectKernelLogs=, ProtectControlGroups=, ProtectProc=, ReadOnlyPaths= and
+# the other options that give a service a private mount namespace would hide
+# them, and are left out on purpose.  Also left out: PrivateUsers= (root in a
+# user namespace cannot mount on the host), RestrictSUIDSGID= (layers carry
+# setuid files), DevicePolicy= and ProtectClock= (fuse-overlayfs needs
+# /dev/fuse), UMask=0077 (layer roots would shut out containers' non-root users).
+"""
+
+
+def render_units(name: str, serve_args: list[str], python: str = sys.executable,
+                 inet: bool = False) -> dict[str, str]:
+    """The systemd unit pair for plugin ``name`` (systemd/ holds the default one).
+
+    ``serve_args`` follow ``serve --name NAME`` (settings given at install time;
+    the config file is read by the service itself); ``inet`` allows TCP for a
+    metrics address (otherwise only unix sockets)."""
+    exec_start = shlex.join([python, "-m", "plugin", "serve", "--name", name, *serve_args])
+    families = "AF_UNIX AF_INET AF_INET6" if inet else "AF_UNIX"
+    network = "" if inet else "IPAddressDeny=any\n"
     return {
         f"{name}.socket": f"""[Unit]
 Description=strata graphdriver plugin socket ({name})
@@ -61,10 +92,26 @@ ExecStart={exec_start}
 KillMode=mixed
 Restart=on-failure
 
+{HARDENING_NOTE}NoNewPrivileges=yes
+CapabilityBoundingSet={" ".join(CAPABILITIES)}
+RestrictAddressFamilies={families}
+{network}RestrictNamespaces=yes
+SystemCallArchitectures=native
+SystemCallFilter=~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap
+LockPersonality=yes
+RestrictRealtime=yes
+
 [Install]
 WantedBy=multi-user.target
 """,
     }
+
+
+def serve_args(args: argparse.Namespace) -> list[str]:
+    """What ``strata serve`` needs besides ``--name`` to run as installed: the
+    config file and the settings given to ``install`` by flag or environment."""
+    argv = ["--config", args.config] if args.config else []
+    return argv + config.as_flags(args.settings, ["backend", "metrics_address"])
 
 
 def _systemd_running() -> bool:
@@ -86,7 +133,8 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
 def install(args: argparse.Namespace) -> int:
     name = args.name
     _write(os.path.join(args.spec_dir, f"{name}.spec"), f"unix://{socket_path(name)}\n")
-    for unit, text in render_units(name, args.backend).items():
+    units = render_units(name, serve_args(args), inet=bool(args.metrics_address))
+    for unit, text in units.items():
         _write(os.path.join(args.unit_dir, unit), text)
     _write(os.path.join(args.unit_dir, "docker.service.d", f"10-{name}.conf"),
            f"[Unit]\nWants={name}.socket\nAfter={name}.socket\n")
@@ -97,10 +145,10 @@ def install(args: argparse.Namespace) -> int:
         subprocess.run(["systemctl", "enable", "--now", f"{name}.socket"], check=True)
         print(f"{name}.socket enabled; dockerd's first connection starts strata")
         return 0
-    return _start_detached(name, args.backend)
+    return _start_detached(name, serve_args(args))
 
 
-def _start_detached(name: str, backend: str) -> int:
+def _start_detached(name: str, extra: list[str]) -> int:
     if _running_pid(name):
         print(f"strata {name} already running (pid {_running_pid(name)})")
         return 0
@@ -108,7 +156,7 @@ def _start_detached(name: str, backend: str) -> int:
     log_path = f"/var/log/strata-{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plugin", "serve", "--name", name, "--backend", backend],
+            [sys.executable, "-m", "plugin", "serve", "--name", name, *extra],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             cwd="/", env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
     _write(pid_file(name), f"{proc.pid}\n")
@@ -149,7 +197,7 @@ def uninstall(args: argparse.Namespace) -> int:
             time.sleep(0.1)
     paths = [os.path.join(args.spec_dir, f"{name}.spec"), pid_file(name),
              os.path.join(args.unit_dir, "docker.service.d", f"10-{name}.conf"),
-             *(os.path.join(args.unit_dir, unit) for unit in render_units(name, "auto"))]
+             *(os.path.join(args.unit_dir, unit) for unit in render_units(name, []))]
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 import msgspec
 
-from plugin.driver.base import MountSpec
+from plugin.driver.base import Counts, MountSpec
 from plugin.errors import InvalidArgument, NotFound
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
@@ -183,6 +183,10 @@ class RefCountedStore:
 
     def close(self) -> None:
         self.refs.close()
+
+    def counts(self) -> Counts:
+        return Counts(layers=len(self.store.ids()), mounts=len(self.mounted_ids()),
+                     references=sum(self.refs.active().values()))
 
     # ---- answers from memory (on the event loop) --------------------------------
     def exists_nowait(self, layer_id: str) -> bool | None:

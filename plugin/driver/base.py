@@ -81,6 +81,16 @@ class MountSpec:
 
 
 @dataclass(frozen=True)
+class Counts:
+    """What the driver holds now, for metrics: layers under Home, mounts it
+    holds, and dockerd's Gets not yet Put (summed over layers)."""
+
+    layers: int
+    mounts: int
+    references: int
+
+
+@dataclass(frozen=True)
 class Capabilities:
     #: True only if ``diff`` replays the exact bytes that were applied: dockerd
     #: then verifies the digest on save/push instead of keeping tar-split data.
@@ -196,6 +206,11 @@ class ProtoDriver(ABC):
         it; a re-Init replacing this driver and the server's shutdown call it):
         an open file keeps a Home that is a mount busy.  Later calls still work;
         they reopen what they need."""
+
+    def counts(self) -> Counts | None:
+        """Counts for metrics, or None when the backend keeps none.  Reads Home
+        and the mount table: blocking, called at scrape time from the pool."""
+        return None
 
     def capabilities(self) -> Capabilities:
         """What dockerd may rely on (see :class:`Capabilities`)."""

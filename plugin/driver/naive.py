@@ -20,7 +20,14 @@ from plugin.archive import (
     export_changes,
     export_tree,
 )
-from plugin.driver.base import Capabilities, CreateOpts, Driver, MountSpec, ProtoDriver
+from plugin.driver.base import (
+    Capabilities,
+    Counts,
+    CreateOpts,
+    Driver,
+    MountSpec,
+    ProtoDriver,
+)
 from plugin.idtools import IDMappings
 from plugin.state.refcount import internal_references
 
@@ -107,6 +114,9 @@ class NaiveDiffDriver(Driver):
 
     def capabilities(self) -> Capabilities:
         return self.proto.capabilities()
+
+    def counts(self) -> Counts | None:
+        return self.proto.counts()
 
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         return self.proto.applying(layer_id)

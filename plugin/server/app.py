@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -39,6 +39,9 @@ from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader, fd_ready
 from plugin.state.layers import validate_id
 
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from plugin.server.metrics import CallMetrics
+
 log = logging.getLogger("strata.server")
 
 
@@ -49,6 +52,8 @@ class Context:
     executor: ThreadPoolExecutor
     #: Seconds a backend call may take before the caller gets an Err (0 = none).
     deadline: float
+    #: The per-call counters, None when metrics are off.
+    metrics: CallMetrics | None = None
 
 
 #: The request's Context.
@@ -84,7 +89,8 @@ def op_name(request: web.BaseRequest) -> str:
     return request.path.lstrip("/")
 
 
-async def handle(request: web.BaseRequest, handler: Handler | None) -> web.StreamResponse:
+async def handle(request: web.BaseRequest, handler: Handler | None,
+                 metrics: CallMetrics | None = None) -> web.StreamResponse:
     """Run ``handler`` and map every failure once: typed errors keep their status,
     the rest are 500; no handler is a 404 (a known path asked with another
     method than POST, a 405).
@@ -119,6 +125,8 @@ async def handle(request: web.BaseRequest, handler: Handler | None) -> web.Strea
         about = f" ({subject})" if subject else ""
         return fail(f"internal error{about}: {type(e).__name__}: {e}", 500)
     finally:
+        if metrics is not None:
+            metrics.observe(request.path, time.monotonic() - started, outcome != "ok")
         if outcome != "ok":
             level = logging.WARNING
         else:
@@ -338,6 +346,7 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
         end: bytes = await run(request, stream.read, CHUNK)
         return end
 
+    sent = 0
     try:
         chunk = await next_chunk()
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-tar"})
@@ -349,6 +358,7 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
                 following = asyncio.ensure_future(next_chunk())
                 try:
                     await response.write(chunk)
+                    sent += len(chunk)
                 finally:
                     chunk = await following
             await response.write_eof()
@@ -360,6 +370,8 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
                 request.transport.abort()
         return response
     finally:
+        if (metrics := request[CONTEXT].metrics) is not None:
+            metrics.diff_bytes += sent
         await run(request, stream.close)
 
 
@@ -391,6 +403,8 @@ async def apply_diff(request: web.BaseRequest) -> web.Response:
         # dockerd hashes every byte it sends; leave nothing unread (docs/protocol.md §6.1).
         while await request.content.read(CHUNK):
             pass
+        if (metrics := request[CONTEXT].metrics) is not None:
+            metrics.apply_bytes += request.content.total_bytes
     return encode(p.SizeResponse(Size=size))
 
 
@@ -418,16 +432,16 @@ class PluginHandler:
     """The request handler for ``web.Server``; ``close`` ends its worker pool."""
 
     def __init__(self, manager: DriverManager, workers: int = 32,
-                 deadline: float = 600.0) -> None:
+                 deadline: float = 600.0, metrics: CallMetrics | None = None) -> None:
         # Diff and ApplyDiff each hold a worker for as long as they stream, so
         # the pool is sized for several concurrent commits, not for the 2 cores.
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="strata-fs")
-        self.context = Context(manager, pool, deadline)
+        self.context = Context(manager, pool, deadline, metrics)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request[CONTEXT] = self.context
         request[POOLED] = False  # (a missing key costs a KeyError in the lookup)
-        return await handle(request, ROUTES.get(request.path))
+        return await handle(request, ROUTES.get(request.path), self.context.metrics)
 
     def close(self) -> None:
         self.context.executor.shutdown(wait=False, cancel_futures=True)

@@ -11,12 +11,16 @@ import signal
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from plugin.driver.manager import DriverManager
 from plugin.server.activation import listen_fds, notify
-from plugin.server.app import PluginHandler, build_server
+from plugin.server.app import ROUTES, PluginHandler, build_server
+
+if TYPE_CHECKING:
+    from plugin.server.metrics import CallMetrics
 
 log = logging.getLogger("strata.server")
 
@@ -34,6 +38,9 @@ class ServeConfig:
     deadline: float = 600.0
     #: backend -> why it is refused at Init (a managed plugin refuses fuse-overlayfs)
     refused_backends: Mapping[str, str] = field(default_factory=dict)
+    #: Serve Prometheus metrics on this unix socket / HOST:PORT (off when None).
+    metrics_socket: str | None = None
+    metrics_address: str | None = None
 
 
 def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
@@ -74,14 +81,51 @@ def write_spec(spec_dir: str, name: str, socket_path: str) -> str:
     return spec
 
 
+async def start_metrics(config: ServeConfig, handler: PluginHandler) -> web.AppRunner | None:
+    """The metrics endpoint on its own socket(s), or None when none is configured."""
+    context = handler.context
+    if context.metrics is None:
+        return None
+    from plugin.server.metrics import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(context.metrics, context.manager, config.name, context.executor)
+    runner = web.AppRunner(endpoint.application(), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        if config.metrics_socket:
+            sock = bind_unix(config.metrics_socket, config.socket_mode, config.socket_group)
+            await web.SockSite(runner, sock).start()
+            log.info("metrics on unix:%s", config.metrics_socket)
+        if config.metrics_address:
+            host, _, port = config.metrics_address.rpartition(":")
+            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+            log.info("metrics on http://%s/metrics", config.metrics_address)
+    except OSError as e:
+        await runner.cleanup()
+        # EAFNOSUPPORT here is the unit's RestrictAddressFamilies (strata install
+        # allows inet only when a metrics address is configured at install time).
+        raise SystemExit(f"strata: cannot serve metrics on "
+                         f"{config.metrics_socket or config.metrics_address}: {e}") from None
+    return runner
+
+
+def call_metrics(config: ServeConfig) -> CallMetrics | None:
+    if not (config.metrics_socket or config.metrics_address):
+        return None
+    from plugin.server.metrics import CallMetrics
+
+    return CallMetrics(ROUTES)
+
+
 async def serve(config: ServeConfig) -> None:
     manager = DriverManager(config.state_dir, config.backend, list(config.options),
                             refused_backends=config.refused_backends)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, manager.load_persisted)
-    handler = PluginHandler(manager, deadline=config.deadline)
+    handler = PluginHandler(manager, deadline=config.deadline, metrics=call_metrics(config))
     runner = web.ServerRunner(build_server(handler), handle_signals=False)
     await runner.setup()
+    metrics_runner = await start_metrics(config, handler)
     inherited = listen_fds()
     owned_socket = None
     if inherited:
@@ -108,10 +152,12 @@ async def serve(config: ServeConfig) -> None:
     finally:
         notify("STOPPING=1")
         log.info("shutting down")
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await runner.cleanup()
         handler.close()
         manager.close()
-        for path in (spec, owned_socket):
+        for path in (spec, owned_socket, config.metrics_socket):
             if path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)

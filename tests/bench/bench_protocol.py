@@ -1,6 +1,6 @@
 """Issue 5: protocol-level benchmarks of the real plugin, as ratios to same-run baselines.
 
-    python tests/bench/bench_protocol.py [--quick] [--fs loop|tmpfs|dir] [--only NAMES]
+    python tests/bench/bench_protocol.py [--quick] [--fs loop|tmpfs|dir] [--only NAMES] [--metrics]
 
 Every number goes through the plugin's Unix socket with dockerd's request
 shape (see ``tests.support.client.BlockingClient``).  Each table pairs strata with a baseline
@@ -508,13 +508,15 @@ def main() -> int:
                         help="filesystem under the layers (default: an ext4 loop fs)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections out of {','.join(SECTIONS)}")
+    parser.add_argument("--metrics", action="store_true",
+                        help="serve with metrics on (a metrics socket), to measure their cost")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     wanted = {s.strip() for s in args.only.split(",")}
     started = time.monotonic()
     with Workspace(args.fs, size_gib=max(8, 5 * sizes.big_mib // 1024 + 4)) as ws:
         log(f"workspace {ws.base} on {args.fs}; sizes {sizes}")
-        server = PluginServer(ws)
+        server = PluginServer(ws, metrics=args.metrics)
         try:
             client = server.start()
             bench = Bench(ws, sizes, server, client)

@@ -295,12 +295,14 @@ def start_stack(
     backend: str,
     intree_driver: str | None = None,
     data_root_on: Path | None = None,
+    plugin_env: Mapping[str, str] | None = None,
 ) -> Stack:
     """A plugin named strata-t<random6> and a dockerd using it (or an in-tree driver).
 
     ``data_root_on``: a directory on the filesystem the backend needs (btrfs,
     zfs); it is bind-mounted as the data root, so dockerd's Home is on it and
-    the usual work-directory teardown unmounts it.
+    the usual work-directory teardown unmounts it.  ``plugin_env``: extra
+    environment for the plugin (``STRATA_*`` settings).
     """
     workdir = new_workdir()
     plugin = None
@@ -316,6 +318,7 @@ def start_stack(
                 backend=backend,
                 state_dir=workdir / "plugin-state",
                 log_path=workdir / "plugin.log",
+                extra_env=dict(plugin_env or {}),
             )
             plugin.start()
         dockerd = Dockerd(driver=driver, workdir=workdir, dockerd_bin=dockerd_bin)

@@ -31,7 +31,8 @@ from typing import Any
 from aiohttp import web
 
 from plugin.driver.manager import DriverManager
-from plugin.server.app import PluginHandler, build_server
+from plugin.server.app import ROUTES, PluginHandler, build_server
+from plugin.server.metrics import CallMetrics, MetricsEndpoint
 from tests.support.client import DockerLikeClient
 from tests.support.procs import HarnessError, spawn_logged, stop_child, tail
 
@@ -156,7 +157,8 @@ class Plugin:
 class PluginUnderTest:
     """The real app in this event loop, on ``socket_path``, with a client connected."""
 
-    def __init__(self, backend: str, root: str, socket_path: str) -> None:
+    def __init__(self, backend: str, root: str, socket_path: str,
+                 metrics_socket: str | None = None) -> None:
         self.backend = backend
         self.home = os.path.join(root, "home")
         self.state_dir = os.path.join(root, "state")
@@ -166,16 +168,29 @@ class PluginUnderTest:
         self.manager: DriverManager | None = None
         self.deadline = 600.0
         self.client = DockerLikeClient(socket_path)
+        #: Serve ``GET /metrics`` here too (plugin.server.metrics), in this loop.
+        self.metrics_socket = metrics_socket
+        self.metrics_runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         manager = self.manager = DriverManager(self.state_dir, self.backend)
         await asyncio.get_running_loop().run_in_executor(None, manager.load_persisted)
-        self.handler = PluginHandler(manager, deadline=self.deadline)
+        metrics = CallMetrics(ROUTES) if self.metrics_socket else None
+        self.handler = PluginHandler(manager, deadline=self.deadline, metrics=metrics)
         self.runner = web.ServerRunner(build_server(self.handler))
         await self.runner.setup()
         await web.UnixSite(self.runner, self.socket_path).start()
+        if metrics is not None and self.metrics_socket:
+            endpoint = MetricsEndpoint(metrics, manager, "strata-test",
+                                       self.handler.context.executor)
+            self.metrics_runner = web.AppRunner(endpoint.application())
+            await self.metrics_runner.setup()
+            await web.UnixSite(self.metrics_runner, self.metrics_socket).start()
 
     async def stop(self) -> None:
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -198,10 +213,10 @@ class PluginUnderTest:
 
 
 @asynccontextmanager
-async def serving_in_loop(backend: str, root: str,
-                          socket_path: str) -> AsyncIterator[PluginUnderTest]:
+async def serving_in_loop(backend: str, root: str, socket_path: str,
+                          metrics_socket: str | None = None) -> AsyncIterator[PluginUnderTest]:
     """A started, Init'ed ``PluginUnderTest`` on Home ``root/home``; Cleanup and stop after."""
-    put = PluginUnderTest(backend, root, socket_path)
+    put = PluginUnderTest(backend, root, socket_path, metrics_socket)
     await put.start()
     await put.init()
     try:

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_shipped_units_are_what_install_writes() -> None:
-    for name, text in render_units("strata", "auto", "/opt/strata/bin/python").items():
+    for name, text in render_units("strata", [], python="/opt/strata/bin/python").items():
         with open(os.path.join(REPO, "systemd", name)) as f:
             assert f.read() == text, name
     with open(os.path.join(REPO, "spec", "strata.spec")) as f:
