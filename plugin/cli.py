@@ -191,17 +191,24 @@ CONFIGURED = {"serve": config.SERVE, "snapshotter": config.SNAPSHOTTER,
               "config": config.CONFIG}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with every table setting resolved (flag > env > file >
+    default) onto the namespace; raises ``ConfigError`` naming the bad key."""
     args = build_parser().parse_args(argv)
     if args.command in CONFIGURED:
-        try:
-            settings = config.resolve(args, CONFIGURED[args.command])
-        except ConfigError as e:
-            print(f"strata {args.command}: {e}", file=sys.stderr)
-            return 2
+        settings = config.resolve(args, CONFIGURED[args.command])
         # The commands read their settings as attributes, whatever the source.
         vars(args).update(settings.values)
         args.settings = settings
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"strata: {e}", file=sys.stderr)
+        return 2
     if args.command == "config":
         print(config.describe(args.settings), end="")
         return 0

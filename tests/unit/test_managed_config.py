@@ -72,14 +72,14 @@ def test_every_config_env_is_a_valid_serve_option() -> None:
 def test_the_config_env_runs_serve_managed(monkeypatch: pytest.MonkeyPatch) -> None:
     for entry in config()["env"]:
         monkeypatch.setenv(entry["name"], entry["value"])
-    args = cli.build_parser().parse_args(["serve"])
+    args = cli.parse_args(["serve"])
     assert args.managed
     assert args.backend == "auto"
     assert cli.serve_state_dir(args) == "/var/lib/docker/.strata-state"
 
 
 def test_state_dir_defaults() -> None:
-    parse = cli.build_parser().parse_args
+    parse = cli.parse_args
     assert cli.serve_state_dir(parse(["serve", "--name", "x"])) == "/var/lib/strata/x"
     assert cli.serve_state_dir(parse(["serve", "--managed"])) == managed.MANAGED_STATE_DIR
     chosen = parse(["serve", "--managed", "--state-dir", "/var/lib/docker/s"])
