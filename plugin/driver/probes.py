@@ -7,11 +7,12 @@ shows it.  Model: moby ``overlay2/check.go``, containerd ``overlayutils``.
 from __future__ import annotations
 
 import ctypes
-import gzip
 import ctypes.util
 import errno
+import gzip
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -240,6 +241,30 @@ def in_user_namespace() -> bool:
     except OSError:
         return False
     return rows != [["0", "0", "4294967295"]]
+
+
+def can_traverse(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` with no capabilities and no supplementary groups may
+    search the directory ``st``: the owner's bit for its owner, else the group's
+    for its group, else the others' (POSIX ACLs are not looked at)."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def blocked_ancestor(path: str, uid: int, gid: int) -> str | None:
+    """The first directory from ``/`` down to ``path``'s parent that ``uid``:``gid``
+    cannot pass through (dockerd's own check of its data root for
+    ``--userns-remap``), or None."""
+    parts = os.path.realpath(path).split("/")[1:-1]
+    current = "/"
+    for part in ["", *parts]:
+        current = os.path.join(current, part)
+        if not can_traverse(os.stat(current), uid, gid):
+            return current
+    return None
 
 
 @dataclass(frozen=True)
