@@ -262,7 +262,11 @@ def blocked_ancestor(path: str, uid: int, gid: int) -> str | None:
     current = "/"
     for part in ["", *parts]:
         current = os.path.join(current, part)
-        if not can_traverse(os.stat(current), uid, gid):
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            return None  # made later, by whoever makes it
+        if not can_traverse(st, uid, gid):
             return current
     return None
 
@@ -358,3 +362,55 @@ def _has_xattr(path: str, name: str) -> bool:
         return True
     except OSError:
         return False
+
+
+#: The user ``dockerd --userns-remap=default`` maps containers to (it creates it).
+REMAP_USER = "dockremap"
+
+
+def subordinate_start(user: str, path: str) -> int | None:
+    """The first id of ``user``'s first range in /etc/subuid or /etc/subgid, or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                if name == user and rest.count(":") == 1:
+                    return int(rest.partition(":")[0])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def userns_report(home: str) -> list[tuple[str, str]]:
+    """Whether this host can run user-namespaced containers (``dockerd
+    --userns-remap``) on strata, and on which backend; why not where not."""
+    try:
+        with open("/proc/sys/user/max_user_namespaces", encoding="ascii") as f:
+            allowed = int(f.read()) > 0
+    except (OSError, ValueError):
+        allowed = False
+    uid = subordinate_start(REMAP_USER, "/etc/subuid")
+    gid = subordinate_start(REMAP_USER, "/etc/subgid")
+    rows = [("user namespaces", "yes" if allowed else "no: user.max_user_namespaces is 0 "
+             "or the kernel lacks CONFIG_USER_NS")]
+    if uid is None or gid is None:
+        rows.append((f"userns-remap ({REMAP_USER})", "no ranges yet: dockerd "
+                     "--userns-remap=default adds the user and /etc/subuid, /etc/subgid"))
+    else:
+        blocked = blocked_ancestor(os.path.join(home, "x"), uid, gid)
+        rows.append((f"userns-remap ({REMAP_USER})", f"uid {uid}, gid {gid}; " + (
+            f"{blocked} lacks o+x: dockerd refuses such a data root" if blocked
+            else f"{home} is reachable")))
+    kernel = filesystems()
+    fuse = os.path.exists("/dev/fuse") and shutil.which("fuse-overlayfs") is not None
+    for backend, ok, why in (
+        ("vfs", True, ""),
+        ("overlay", "overlay" in kernel, "no overlayfs in the kernel"),
+        ("btrfs", "btrfs" in kernel, "no btrfs in the kernel"),
+        ("fuse-overlayfs", fuse, "no /dev/fuse or no fuse-overlayfs program"),
+        ("zfs", "zfs" in kernel, "zfs-fuse (or no zfs): it checks permissions with the "
+         "caller's host uid, so a remapped root cannot chown; needs kernel ZFS"),
+    ):
+        rows.append((f"userns on {backend}", "yes" if allowed and ok else
+                     "no: " + (why or "no user namespaces")))
+    return rows

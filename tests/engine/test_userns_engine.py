@@ -122,6 +122,9 @@ def remap(dockerd_bin: str) -> Remap:
 def stack(dockerd_bin: str, backend: str, remap: Remap,
           request: pytest.FixtureRequest) -> Iterator[harness.Stack]:
     """One plugin and one ``dockerd --userns-remap=default`` on it (overrides conftest's)."""
+    if backend == "zfs" and INTREE_DRIVER is None and zfs_is_fuse():
+        pytest.skip("zfs-fuse cannot serve user-namespaced containers and Init refuses ID "
+                    "maps on it (test_zfs_fuse_refuses_id_maps); kernel ZFS is not on this host")
     with backend_data_root(request, backend if INTREE_DRIVER is None else "") as on:
         engine = harness.start_stack(dockerd_bin, backend, intree_driver=INTREE_DRIVER,
                                      data_root_on=on, dockerd_args=USERNS)
@@ -146,6 +149,12 @@ def reference(dockerd_bin: str, remap: Remap, rootfs: Rootfs) -> Iterator[harnes
 
 
 # ---- helpers ------------------------------------------------------------------------
+
+def zfs_is_fuse() -> bool:
+    """Kernel ZFS registers the filesystem type ``zfs``; zfs-fuse does not."""
+    with open("/proc/filesystems") as f:
+        return "zfs" not in f.read().split()
+
 
 def sh(engine: harness.Stack | harness.Dockerd, image: str, script: str) -> str:
     return engine.docker(*RUN, image, "/bin/sh", "-c", script).stdout
@@ -374,3 +383,13 @@ def test_rm_and_rmi_leave_no_layers(stack: harness.Stack, base_image: str) -> No
     stack.docker("rm", "-f", "gone")
     stack.docker("rmi", "userns/gone:1")
     assert sorted(os.listdir(layers)) == before
+
+
+def test_zfs_fuse_refuses_id_maps(dockerd_bin: str, remap: Remap,
+                                  request: pytest.FixtureRequest) -> None:
+    """On zfs-fuse a remapped root is an ordinary user (chown EPERM): Init says so."""
+    if not zfs_is_fuse():
+        pytest.skip("kernel ZFS: the flows above run on it")
+    with backend_data_root(request, "zfs") as on, pytest.raises(harness.HarnessError) as err:
+        harness.start_stack(dockerd_bin, "zfs", data_root_on=on, dockerd_args=USERNS).close()
+    assert "zfs-fuse cannot serve user-namespaced containers" in str(err.value)
