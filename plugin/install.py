@@ -224,6 +224,7 @@ def check(args: argparse.Namespace) -> int:
         ("graphdriver plugins", ("supported by Docker 20.10-27.x with --experimental "
                                  "(27.x: DOCKERD_DEPRECATED_GRAPHDRIVER_PLUGINS=1); "
                                  "removed in 28")),
+        *probes.userns_report(home),
     ]
     for key, value in rows:
         print(f"{key:<40} {value}")

@@ -17,6 +17,14 @@ the event loop; Put counts down and deactivates at zero; Remove takes the lock,
 refuses while children exist (``LayerStore.removal``), deactivates whatever
 the count, renames the layer into the trash, runs ``delete_layer``, deletes
 the rest, and drops the count.
+
+User namespaces (``dockerd --userns-remap``): Init's ID maps say which host
+uid/gid a container's root is.  Layer files are stored with host IDs (the
+archive maps them in and out), each layer's root directory is owned by the
+remapped root, and the directories above it by root with the remapped root's
+group (``LayerStore``), so runc, inside the user namespace, can reach what Get
+returned and no other unprivileged user can.  Init refuses a Home whose
+ancestors that root cannot pass through, as dockerd refuses such a data root.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from contextlib import contextmanager
 import msgspec
 
 from plugin.driver.base import Counts, MountSpec
-from plugin.errors import InvalidArgument, NotFound
+from plugin.driver.probes import blocked_ancestor
+from plugin.errors import InvalidArgument, NotFound, Prerequisites
 from plugin.faults import fault_point
 from plugin.idtools import IDMappings
 from plugin.state.layers import LayerStore
@@ -73,7 +82,15 @@ class RefCountedStore:
     def __init__(self, home: str, idmap: IDMappings, *, needs_mount: bool) -> None:
         self.home = home
         self.idmap = idmap
-        self.store = LayerStore(home)
+        root_uid, root_gid = idmap.root_pair()
+        if not idmap.empty:
+            blocked = blocked_ancestor(home, root_uid, root_gid)
+            if blocked:
+                raise Prerequisites(
+                    f"{blocked} (above Home {home}) does not let the remapped root "
+                    f"{root_uid}:{root_gid} pass: containers could not reach their root "
+                    "filesystem; allow o+x (chmod o+x) on it")
+        self.store = LayerStore(home, group=root_gid)
         self.refs = RefCounter(os.path.join(home, "refs.json"))
         # layer id -> (what Get returns, whether Get/Put mount and unmount it), set
         # by a Get that succeeded, dropped by Remove: lets later Gets and Puts be

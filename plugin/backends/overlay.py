@@ -9,6 +9,11 @@ Layout (``Home/layers/<id>/`` is the LayerStore's staged, atomically renamed dir
     Home/layers/<id>/work/     overlay workdir          (only with a parent)
     Home/layers/<id>/merged/   where Get mounts it      (only with a parent)
 
+Owners and modes are overlay2's: ``diff/`` 0755, ``work/`` and ``merged/`` 0700,
+all the remapped root's under ``dockerd --userns-remap`` (root's otherwise); the
+layer dir 0710 root:<remapped root's group> (the LayerStore's); ``l/`` 0700
+root's: lowers are resolved by the mounter (the plugin), never by a container.
+
 Why short links: mount(2) copies one page of option data (4096 bytes).  An
 absolute lower path here is ~100 bytes (``/var/lib/docker/strata/layers/<64
 hex>/diff``), so ``lowerdir=`` holds ~37 of them.  Relative to Home after a
@@ -209,6 +214,17 @@ class OverlayDriver(RefCountedStore, Driver):
         if os.path.ismount(merged):
             return  # mounted before a plugin restart lost the count
         self._mount(self._spec(layer_dir, read_only=False), merged)
+        self._own_workdir(layer_dir)
+
+    def _own_workdir(self, layer_dir: str) -> None:
+        """Give ``work/work``, which the mount made root's, to the remapped root: an
+        overlay mounted inside the container's user namespace (docker in docker) must
+        move dirs through it.  moby's overlay2 does the same after each mount."""
+        if self.idmap.empty:
+            return
+        workwork = os.path.join(layer_dir, "work", "work")
+        if os.path.isdir(workwork) and not os.path.islink(workwork):
+            os.chown(workwork, *self.idmap.root_pair(), follow_symlinks=False)
 
     def _mount(self, spec: MountSpec, target: str) -> None:
         mountapi.mount_spec(spec, target, new_api=self.support.new_mount_api)

@@ -22,7 +22,14 @@ does; the clone's shared origin data is not charged to it.
 
 zfs-fuse stores no extended attributes (ENOTSUP even with ``xattr=on``), so
 file capabilities and ``user.*`` xattrs of images are dropped on it; Status
-says so.  The ``zfs`` CLI is used (no library), as the issue asks.  Model: moby
+says so.  Nor can it serve user-namespaced containers (``dockerd
+--userns-remap``): the daemon checks permissions itself, with the caller's host
+uid, and knows nothing of user namespaces, so a container's root (an
+unprivileged host uid) is an ordinary user there: its chown fails with EPERM (as
+do the builds and commits that need one).  Init refuses ID maps on
+zfs-fuse rather than give containers that half work; with kernel ZFS the
+kernel checks permissions, user-namespace aware, and the maps are used.  The
+``zfs`` CLI is used (no library), as the issue asks.  Model: moby
 ``daemon/graphdriver/zfs/zfs.go``.
 """
 
@@ -41,7 +48,7 @@ import uuid
 from plugin.backends.common import RefCountedStore
 from plugin.driver.base import CreateOpts, Driver, MountSpec, ProtoDriver
 from plugin.driver.naive import NaiveDiffDriver
-from plugin.driver.probes import fs_name, mountinfo
+from plugin.driver.probes import filesystems, fs_name, mountinfo
 from plugin.driver.registry import register, split_options
 from plugin.errors import (
     AlreadyExists,
@@ -59,6 +66,13 @@ log = logging.getLogger("strata.backend.zfs")
 
 HOME_PROPERTY = "strata:home"
 ZFS_FSTYPES = ("zfs", "fuse.zfs")
+#: Kernel ZFS registers this filesystem type; zfs-fuse does not (docs/host.md §3).
+KERNEL_ZFS_FSTYPE = "zfs"
+ZFS_FUSE_USERNS = (
+    "zfs: zfs-fuse cannot serve user-namespaced containers (dockerd --userns-remap): it "
+    "checks permissions itself with the caller's host uid, so a container's remapped root "
+    "is an unprivileged user there (its chown fails with EPERM); use kernel ZFS or another "
+    "backend (vfs, overlay, btrfs, fuse-overlayfs)")
 #: zfs-fuse answers "busy" for a while after an unmount (docs/host.md §3): retry
 #: for up to this long, doubling the pause from 50 ms to 1 s.
 BUSY_RETRY_SECONDS = 30.0
@@ -374,6 +388,8 @@ def init(home: str, options: list[str], idmap: IDMappings) -> Driver:
                                 "--storage-opt zfs.fsname=<pool/dataset>")
     elif not dataset_exists(fsname):
         raise Prerequisites(f"zfs: dataset {fsname} (zfs.fsname) does not exist")
+    if not idmap.empty and KERNEL_ZFS_FSTYPE not in filesystems():
+        raise Prerequisites(ZFS_FUSE_USERNS)
     return NaiveDiffDriver(ZfsDriver(home, idmap, fsname), idmap)
 
 

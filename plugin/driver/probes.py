@@ -12,6 +12,7 @@ import errno
 import gzip
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -242,6 +243,34 @@ def in_user_namespace() -> bool:
     return rows != [["0", "0", "4294967295"]]
 
 
+def can_traverse(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` with no capabilities and no supplementary groups may
+    search the directory ``st``: the owner's bit for its owner, else the group's
+    for its group, else the others' (POSIX ACLs are not looked at)."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+def blocked_ancestor(path: str, uid: int, gid: int) -> str | None:
+    """The first directory from ``/`` down to ``path``'s parent that ``uid``:``gid``
+    cannot pass through (dockerd's own check of its data root for
+    ``--userns-remap``), or None."""
+    parts = os.path.realpath(path).split("/")[1:-1]
+    current = "/"
+    for part in ["", *parts]:
+        current = os.path.join(current, part)
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            return None  # made later, by whoever makes it
+        if not can_traverse(st, uid, gid):
+            return current
+    return None
+
+
 @dataclass(frozen=True)
 class OverlaySupport:
     """What the kernel's overlayfs does on one backing filesystem (shown in Status)."""
@@ -333,3 +362,55 @@ def _has_xattr(path: str, name: str) -> bool:
         return True
     except OSError:
         return False
+
+
+#: The user ``dockerd --userns-remap=default`` maps containers to (it creates it).
+REMAP_USER = "dockremap"
+
+
+def subordinate_start(user: str, path: str) -> int | None:
+    """The first id of ``user``'s first range in /etc/subuid or /etc/subgid, or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                if name == user and rest.count(":") == 1:
+                    return int(rest.partition(":")[0])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def userns_report(home: str) -> list[tuple[str, str]]:
+    """Whether this host can run user-namespaced containers (``dockerd
+    --userns-remap``) on strata, and on which backend; why not where not."""
+    try:
+        with open("/proc/sys/user/max_user_namespaces", encoding="ascii") as f:
+            allowed = int(f.read()) > 0
+    except (OSError, ValueError):
+        allowed = False
+    uid = subordinate_start(REMAP_USER, "/etc/subuid")
+    gid = subordinate_start(REMAP_USER, "/etc/subgid")
+    rows = [("user namespaces", "yes" if allowed else "no: user.max_user_namespaces is 0 "
+             "or the kernel lacks CONFIG_USER_NS")]
+    if uid is None or gid is None:
+        rows.append((f"userns-remap ({REMAP_USER})", "no ranges yet: dockerd "
+                     "--userns-remap=default adds the user and /etc/subuid, /etc/subgid"))
+    else:
+        blocked = blocked_ancestor(os.path.join(home, "x"), uid, gid)
+        rows.append((f"userns-remap ({REMAP_USER})", f"uid {uid}, gid {gid}; " + (
+            f"{blocked} lacks o+x: dockerd refuses such a data root" if blocked
+            else f"{home} is reachable")))
+    kernel = filesystems()
+    fuse = os.path.exists("/dev/fuse") and shutil.which("fuse-overlayfs") is not None
+    for backend, ok, why in (
+        ("vfs", True, ""),
+        ("overlay", "overlay" in kernel, "no overlayfs in the kernel"),
+        ("btrfs", "btrfs" in kernel, "no btrfs in the kernel"),
+        ("fuse-overlayfs", fuse, "no /dev/fuse or no fuse-overlayfs program"),
+        ("zfs", "zfs" in kernel, "zfs-fuse (or no zfs): it checks permissions with the "
+         "caller's host uid, so a remapped root cannot chown; needs kernel ZFS"),
+    ):
+        rows.append((f"userns on {backend}", "yes" if allowed and ok else
+                     "no: " + (why or "no user namespaces")))
+    return rows

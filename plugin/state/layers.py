@@ -6,6 +6,14 @@ Layout (Home is what GraphDriver.Init passed, ``<data-root>/<driver name>``)::
     Home/staging/<id>.<rand>/  a layer being built; renamed into layers/ when done
     Home/trash/<id>.<rand>/    a layer being deleted; renamed out of layers/ first
 
+Who may pass through: Home, ``layers/`` and each ``layers/<id>/`` are ``0710``,
+owner root, group ``group`` (Init's remapped root gid under ``dockerd
+--userns-remap``, else 0): a container's root, an unprivileged host uid there,
+must reach its root filesystem below them (runc mounts it from inside the user
+namespace), and nobody else may.  moby's overlay2 and vfs give their dirs the same
+owner and mode.  A staged layer gets them in ``staging/`` (the rename keeps them);
+``staging/`` and ``trash/`` stay root's alone: nothing but the plugin looks in them.
+
 A crash at any point leaves each id either absent or complete; ``reconcile``
 at start-up deletes whatever is left in staging/ and trash/.  Model:
 containerd overlay ``createSnapshot`` (a ``new-*`` temp dir renamed in place).
@@ -38,6 +46,9 @@ log = logging.getLogger("strata.state")
 # plain name is refused before it touches the filesystem.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MAX_ID_LEN = 128
+#: Home, layers/ and each layer's dir: the owner (root) may do anything, the group
+#: (the remapped root's) may only pass through, others nothing (see the module doc).
+LAYER_DIR_MODE = 0o710
 
 
 def validate_id(layer_id: str, what: str = "ID") -> str:
@@ -62,17 +73,26 @@ class LayerMeta(msgspec.Struct):
 class LayerStore:
     """The layers of one Home: paths, metadata, staged create, staged remove."""
 
-    def __init__(self, home: str) -> None:
+    def __init__(self, home: str, group: int = 0) -> None:
         self.home = home
+        self.group = group
         self.layers_dir = os.path.join(home, "layers")
         self.staging_dir = os.path.join(home, "staging")
         self.trash_dir = os.path.join(home, "trash")
-        for d in (home, self.layers_dir, self.staging_dir, self.trash_dir):
-            os.makedirs(d, mode=0o710, exist_ok=True)
+        for d, gid in ((home, group), (self.layers_dir, group),
+                       (self.staging_dir, 0), (self.trash_dir, 0)):
+            os.makedirs(d, mode=LAYER_DIR_MODE, exist_ok=True)
+            own_dir(d, gid)
         # The ids in layers/, kept in step at the two renames that change it: lets
         # Exists be answered from memory.  A layer deleted by hand behind the
         # plugin's back stays "known" until the next start.
         self._known: set[str] = set(os.listdir(self.layers_dir))
+        # A Home made before layer dirs got the remapped root's group (or under other
+        # maps): one lstat per layer, and a chown of the dir itself, never its contents.
+        fixed = sum(own_dir(self.layer_dir(i), group) for i in self._known if self._plain(i))
+        if fixed:
+            log.info("gave %d layer dir(s) under %s group %d, mode %o", fixed, self.layers_dir,
+                     group, LAYER_DIR_MODE)
         # parent id -> ids of the layers made on it, complete or being staged:
         # Remove of a parent refuses while any is there, and a Create on a
         # parent being removed fails (both under ``_tree_lock``), so no layer
@@ -84,6 +104,13 @@ class LayerStore:
             parent = self._read_parent(layer_id)
             if parent:
                 self._children[parent].add(layer_id)
+
+    def _plain(self, name: str) -> bool:
+        """A layer's real directory (not a symlink or junk planted in layers/)."""
+        try:
+            return _is_real_dir(self.layer_dir(name))
+        except InvalidArgument:
+            return False
 
     # ---- paths ---------------------------------------------------------------
     def layer_dir(self, layer_id: str) -> str:
@@ -180,7 +207,8 @@ class LayerStore:
             self._adopt(layer_id, meta.parent)
         stage = os.path.join(self.staging_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
         try:
-            os.mkdir(stage, 0o710)
+            os.mkdir(stage, LAYER_DIR_MODE)
+            own_dir(stage, self.group)
             write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
             fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
@@ -246,6 +274,19 @@ class LayerStore:
     def half_applied(self) -> list[str]:
         """Layers whose ApplyDiff never finished (a crash): the backend removes them."""
         return [i for i in self.ids() if self.read_meta(i).applying]
+
+
+def own_dir(path: str, group: int, mode: int = LAYER_DIR_MODE) -> bool:
+    """Make ``path`` (a directory, not followed if a symlink) owned by root:``group``
+    with ``mode``; True if that changed anything."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument(f"{path} is not a directory (damage under Home?)")
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, group, mode):
+        return False
+    os.chown(path, 0, group, follow_symlinks=False)
+    os.chmod(path, mode)  # after chown, which clears set-id bits; and whatever the umask
+    return True
 
 
 def _is_real_dir(path: str) -> bool:

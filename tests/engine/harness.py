@@ -76,6 +76,7 @@ class Dockerd:
     workdir: Path
     dockerd_bin: str
     storage_opts: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()  # more dockerd flags, e.g. --userns-remap=default
     extra_logs: list[Callable[[], str]] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     containerd_pids: set[int] = field(default_factory=set)
@@ -98,7 +99,12 @@ class Dockerd:
 
     @property
     def home(self) -> Path:
-        """What dockerd passes as GraphDriver.Init Home (docs/protocol.md §3)."""
+        """What dockerd passes as GraphDriver.Init Home (docs/protocol.md §3); under
+        ``--userns-remap`` dockerd's own root is ``<data-root>/<uid>.<gid>``."""
+        if self.userns_remap:
+            remapped = sorted(self.data_root.glob("[0-9]*.[0-9]*"))
+            if len(remapped) == 1:
+                return remapped[0] / self.driver
         return self.data_root / self.driver
 
     @property
@@ -131,10 +137,18 @@ class Dockerd:
         ]
         for opt in self.storage_opts:
             argv += ["--storage-opt", opt]
-        return argv
+        return argv + list(self.extra_args)
+
+    @property
+    def userns_remap(self) -> bool:
+        return any(arg.startswith("--userns-remap") for arg in self.extra_args)
 
     def start(self, timeout: float = 60.0) -> None:
         (self.workdir / "daemon.json").write_text("{}\n")
+        if self.userns_remap:
+            # dockerd refuses a data root whose path the remapped root cannot pass
+            # through (setupDaemonRoot); the work dir is made 0700
+            self.workdir.chmod(0o711)
         (self.workdir / "cli").mkdir(exist_ok=True)
         self.proc = spawn_logged(self.argv(), self.log_path, self.workdir)
         deadline = time.monotonic() + timeout
@@ -296,13 +310,15 @@ def start_stack(
     intree_driver: str | None = None,
     data_root_on: Path | None = None,
     plugin_env: Mapping[str, str] | None = None,
+    dockerd_args: tuple[str, ...] = (),
 ) -> Stack:
     """A plugin named strata-t<random6> and a dockerd using it (or an in-tree driver).
 
     ``data_root_on``: a directory on the filesystem the backend needs (btrfs,
     zfs); it is bind-mounted as the data root, so dockerd's Home is on it and
     the usual work-directory teardown unmounts it.  ``plugin_env``: extra
-    environment for the plugin (``STRATA_*`` settings).
+    environment for the plugin (``STRATA_*`` settings).  ``dockerd_args``: more
+    dockerd flags (``Dockerd.extra_args``).
     """
     workdir = new_workdir()
     plugin = None
@@ -321,7 +337,8 @@ def start_stack(
                 extra_env=dict(plugin_env or {}),
             )
             plugin.start()
-        dockerd = Dockerd(driver=driver, workdir=workdir, dockerd_bin=dockerd_bin)
+        dockerd = Dockerd(driver=driver, workdir=workdir, dockerd_bin=dockerd_bin,
+                          extra_args=dockerd_args)
         if plugin is not None:
             dockerd.extra_logs.append(plugin.diagnostics)
         stack = Stack(dockerd=dockerd, plugin=plugin)
@@ -349,8 +366,9 @@ def bind_private(source: Path, target: Path) -> None:
             raise HarnessError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
 
-def start_intree(dockerd_bin: str, driver: str) -> Dockerd:
-    dockerd = Dockerd(driver=driver, workdir=new_workdir(), dockerd_bin=dockerd_bin)
+def start_intree(dockerd_bin: str, driver: str, dockerd_args: tuple[str, ...] = ()) -> Dockerd:
+    dockerd = Dockerd(driver=driver, workdir=new_workdir(), dockerd_bin=dockerd_bin,
+                      extra_args=dockerd_args)
     try:
         dockerd.start()
     except BaseException:

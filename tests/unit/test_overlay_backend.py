@@ -15,9 +15,10 @@ from plugin.backends.overlay import LINK_LEN, OverlayDriver
 from plugin.driver import mountapi, registry
 from plugin.driver.base import CreateOpts
 from plugin.driver.probes import dirent_types, fs_name, supports_d_type
-from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported
+from plugin.errors import IncompatibleFS, InvalidArgument, NotSupported, Prerequisites
 from plugin.idtools import IDMap, IDMappings
 from tests.support.mounts import assert_no_mounts_under
+from tests.support.workdir import new_workdir, remove_workdir
 from tests.unit.overlay_util import new_driver, skip_without_overlay
 
 pytestmark = skip_without_overlay()
@@ -154,11 +155,38 @@ def test_restart_repairs_links(driver: OverlayDriver, home: str) -> None:
     assert not os.path.lexists(os.path.join(home, "l", "STALE"))
 
 
-def test_id_maps_own_layers_and_map_tars(home: str) -> None:
-    idmap = IDMappings(uids=(IDMap(0, 100000, 65536),), gids=(IDMap(0, 100000, 65536),))
+@pytest.fixture
+def open_home() -> Iterator[str]:
+    """A Home under a 0711 directory: one a remapped root can reach (dockerd checks
+    its data root the same way)."""
+    workdir = new_workdir("su")
+    workdir.chmod(0o711)
+    try:
+        yield str(workdir / "home")
+    finally:
+        assert_no_mounts_under(str(workdir))
+        remove_workdir(workdir)
+
+
+REMAP = IDMappings(uids=(IDMap(0, 100000, 65536),), gids=(IDMap(0, 100000, 65536),))
+
+
+def test_id_maps_refuse_a_home_the_remapped_root_cannot_reach(home: str) -> None:
+    # pytest's tmp_path sits under 0700 directories
+    with pytest.raises(Prerequisites, match="o\\+x"):
+        new_driver(home, idmap=REMAP)
+
+
+def test_id_maps_own_layers_and_map_tars(open_home: str) -> None:
+    home, idmap = open_home, REMAP
     driver = new_driver(home, idmap=idmap)
     try:
         driver.create("base", "", CreateOpts())
+        for d in (home, os.path.join(home, "layers"), driver.store.layer_dir("base")):
+            st = os.lstat(d)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 100000, 0o710), d
+        st = os.lstat(os.path.join(home, "l"))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o700)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
             info = tarfile.TarInfo("owned")
@@ -173,6 +201,7 @@ def test_id_maps_own_layers_and_map_tars(home: str) -> None:
         work = os.path.join(driver.store.layer_dir("child"), "work")
         assert os.lstat(work).st_uid == 100000
         root = driver.get("child", "")
+        assert os.lstat(os.path.join(work, "work")).st_uid == 100000
         assert os.lstat(os.path.join(root, "owned")).st_uid == 101000
         driver.put("child")
         tar = driver.diff("base", "")

@@ -220,3 +220,40 @@ def test_init_record_round_trip(tmp_path: str) -> None:
     loaded = load_init(str(tmp_path))
     assert loaded == record
     assert loaded is not None and loaded.idmap.uids == (IDMap(0, 1000, 10),)
+
+
+def _owner_mode(path: str) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def test_layer_dirs_get_the_remapped_roots_group(tmp_path: str) -> None:
+    home = os.path.join(str(tmp_path), "home")
+    store = LayerStore(home, group=100000)
+    with store.staging("L1", LayerMeta()) as stage:
+        assert _owner_mode(stage) == (0, 100000, 0o710)  # before the rename
+    for d in (home, store.layers_dir, store.layer_dir("L1")):
+        assert _owner_mode(d) == (0, 100000, 0o710), d
+    for d in (store.staging_dir, store.trash_dir):
+        assert _owner_mode(d) == (0, 0, 0o710), d
+
+
+def test_an_older_home_is_fixed_up_without_touching_layer_contents(tmp_path: str) -> None:
+    home = os.path.join(str(tmp_path), "home")
+    store = LayerStore(home)  # as strata made Homes before ID-mapped groups
+    with store.staging("L1", LayerMeta()) as stage:
+        os.mkdir(os.path.join(stage, "root"), 0o755)
+        os.chown(os.path.join(stage, "root"), 100000, 100000)
+        inner = os.path.join(stage, "root", "f")
+        open(inner, "w").close()
+        os.chown(inner, 101000, 101000)
+    os.chmod(store.layer_dir("L1"), 0o750)
+    assert _owner_mode(store.layer_dir("L1")) == (0, 0, 0o750)
+    os.symlink("/", os.path.join(store.layers_dir, "planted"))
+    again = LayerStore(home, group=100000)
+    for d in (home, again.layers_dir, again.layer_dir("L1")):
+        assert _owner_mode(d) == (0, 100000, 0o710), d
+    root = os.path.join(again.layer_dir("L1"), "root")
+    assert _owner_mode(root)[:2] == (100000, 100000)
+    assert _owner_mode(os.path.join(root, "f"))[:2] == (101000, 101000)
+    assert _owner_mode("/")[:2] == (0, 0)  # a planted symlink is not followed
