@@ -161,6 +161,9 @@ def floors_venv(pins: dict[str, str]) -> FloorsVenv | str:
         reason = index_unreachable()
         if reason:
             return reason
+        for stale in os.listdir(CACHE):  # venvs of earlier floors
+            if stale != "lock":
+                shutil.rmtree(os.path.join(CACHE, stale), ignore_errors=True)
         build(path, pins)
         mismatch = venv_mismatch(path, pins)
         if mismatch:
