@@ -25,6 +25,7 @@ from typing import IO, Any, BinaryIO, Self, cast
 
 from plugin.archive.changes import Change, ChangeKind
 from plugin.archive.proc.export import CHUNK_ENTRIES, export_to_memory
+from plugin.archive.proc.warm import WarmPool, WarmWorker
 from plugin.archive.proc.wire import FATAL_PREFIX, WORKER_MODULE
 from plugin.archive.proc.zygote import ForkedWorker, Zygote, ZygoteError
 from plugin.errors import InvalidArgument, NotFound, StrataError
@@ -73,6 +74,7 @@ def _worker_env() -> dict[str, str]:
 
 
 _ZYGOTE = Zygote(_worker_env())
+_WARM = WarmPool(_ZYGOTE)
 
 
 def _spawn(args: list[str], stderr: IO[bytes]) -> WorkerProcess:
@@ -303,14 +305,17 @@ def _helper_after() -> int:
 
 
 def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
-    args = json.dumps({"root": root, "idmap": options.idmap.to_json(),
-                       "whiteout_format": options.whiteout_format,
-                       "helper_after": _helper_after()})
+    spec = {"root": root, "idmap": options.idmap.to_json(),
+            "whiteout_format": options.whiteout_format, "helper_after": _helper_after()}
+    warm = _WARM.take()
+    if warm is not None:
+        return _run_warm_apply(warm, root, stream, spec)
     with tempfile.TemporaryFile() as stderr:
-        proc = _spawn(["apply", args], stderr)
+        proc = _spawn(["apply", json.dumps(spec)], stderr)
         _widen_pipe(proc.stdin)
         try:
-            _feed(proc, stream)
+            assert proc.stdin is not None
+            _feed(proc.stdin, stream)
             assert proc.stdout is not None
             reply = proc.stdout.read()
             rc = proc.wait()
@@ -324,6 +329,35 @@ def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
     return _parse_apply_reply(root, reply, rc, lines)
 
 
+def _run_warm_apply(warm: WarmWorker, root: str, stream: BinaryIO,
+                    spec: dict[str, Any]) -> int:
+    """``_run_apply`` by a warm worker (``warm.py``): the same job, the same reply."""
+    reply = b""
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            tar_r, tar_w = os.pipe2(os.O_CLOEXEC)
+            with open(tar_w, "wb") as pipe:
+                try:
+                    warm.send(spec, tar_r, stderr)
+                finally:
+                    os.close(tar_r)
+                _widen_pipe(pipe)
+                _feed(pipe, stream)
+            reply = warm.reply()
+            lines = _relay_log(stderr)
+    finally:
+        _WARM.give_back(warm, reusable=_stays(reply))
+    return _parse_apply_reply(root, reply, warm.proc.poll() or 0, lines)
+
+
+def _stays(reply: bytes) -> bool:
+    """Did the warm worker say it takes another job?"""
+    try:
+        return bool(json.loads(reply).get("retire") is False)
+    except (ValueError, AttributeError):
+        return False
+
+
 def _widen_pipe(pipe: IO[bytes] | None) -> None:
     """A 64 KiB pipe makes the copy ping-pong between processes; 1 MiB (the default
     /proc/sys/fs/pipe-max-size) lets each side move a whole chunk per wake-up."""
@@ -334,13 +368,11 @@ def _widen_pipe(pipe: IO[bytes] | None) -> None:
         fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _CHUNK)
 
 
-def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
+def _feed(stdin: IO[bytes], stream: BinaryIO) -> None:
     """Copy ``stream`` into the child's stdin; after the child stops reading, keep
     draining ``stream`` so the sender always sees its body consumed.  A stream
     with ``pump`` (the server's request body) writes itself into the pipe from
     the event loop."""
-    stdin = proc.stdin
-    assert stdin is not None
     pump = getattr(stream, "pump", None)
     if pump is not None:
         pump(stdin.fileno())
