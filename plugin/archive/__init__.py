@@ -3,7 +3,8 @@
 * ``changes`` / ``changes_size``: what differs between two trees (docker
   ``ChangesDirs`` / ``ChangesSize``, docs/protocol.md §6.6).
 * ``export_tree`` / ``export_changes``: a layer tar of a tree or of its changes,
-  produced by a child process and read through a ``TarStream`` (§6.3).
+  produced by a child process and read through a ``TarStream`` (§6.3); a small
+  layer is made in memory by the calling thread instead (``MemoryTarStream``).
 * ``apply_layer``: unpack a layer tar into a directory inside a chrooted child,
   applying whiteouts and opaque directories in aufs or overlay form (§6.2, §6.4).
 
@@ -11,7 +12,8 @@ All of these block; run them in a worker thread.
 
 Who runs what (``tar/`` is the tar format alone, ``proc/`` the processes below)::
 
-    plugin process (threads; never forks)   changes(), proc/stream.py
+    plugin process (threads; never forks)   changes(), proc/stream.py,
+      |                                     export_to_memory() of a small layer
       | Popen once: python -m plugin.archive.proc.worker zygote FD
       | control socketpair: argv JSON + 4 fds by SCM_RIGHTS (stdin pipe, stdout
       |   pipe, stderr temp file, a status socketpair: pid, then exit code)

@@ -51,8 +51,12 @@ class _ReleasingStream(TarStream):
         finally:
             release, self._release = self._release, []
             with internal_references():
-                for driver, layer_id in reversed(release):
-                    driver.put(layer_id)
+                _put_all(release)
+
+
+def _put_all(held: list[tuple[ProtoDriver, str]]) -> None:
+    for driver, layer_id in reversed(held):
+        driver.put(layer_id)
 
 
 class NaiveDiffDriver(Driver):
@@ -139,17 +143,22 @@ class NaiveDiffDriver(Driver):
             root = self.proto.get(layer_id, "")
             held.append((self.proto, layer_id))
             if not parent:
-                return _ReleasingStream(export_tree(root, self.idmap), held)
-            parent_root = self.proto.get(parent, "")
-            held.append((self.proto, parent))
-            # The tar needs every name of a linked inode (see plugin.archive.changes);
-            # `docker diff`, as on overlay2, does not list them.
-            found = changes(root, parent_root, link_partners=True)
-            return _ReleasingStream(export_changes(root, found, self.idmap), held)
+                stream = export_tree(root, self.idmap)
+            else:
+                parent_root = self.proto.get(parent, "")
+                held.append((self.proto, parent))
+                # The tar needs every name of a linked inode (see plugin.archive.changes);
+                # `docker diff`, as on overlay2, does not list them.
+                found = changes(root, parent_root, link_partners=True)
+                stream = export_changes(root, found, self.idmap)
         except BaseException:
-            for driver, held_id in reversed(held):
-                driver.put(held_id)
+            _put_all(held)
             raise
+        if stream.whole() is None:
+            return _ReleasingStream(stream, held)
+        # Made in memory: the trees are read already, and the stream's close need not block.
+        _put_all(held)
+        return stream
 
     def changes(self, layer_id: str, parent: str) -> list[Change]:
         with internal_references():

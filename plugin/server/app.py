@@ -333,6 +333,10 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
     tells dockerd the stream is bad (docs/protocol.md §2.2)."""
     req = await decode(request, p.ParentRequest)
     stream = await run(request, driver_of(request).diff, req.ID, req.Parent)
+    whole = stream.whole()
+    if whole is not None:  # a small layer, made in memory: no pipe to follow
+        stream.close()
+        return web.Response(body=whole, headers={"Content-Type": "application/x-tar"})
     # The export worker's pipe is read here, on the loop, as it fills (a thread
     # hop per megabyte cost more than the read); the end, where the worker's
     # exit status is taken, goes through the pool.

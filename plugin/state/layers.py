@@ -70,6 +70,9 @@ class LayerMeta(msgspec.Struct):
     extra: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+_DEFAULT_META = LayerMeta()
+
+
 class LayerStore:
     """The layers of one Home: paths, metadata, staged create, staged remove."""
 
@@ -199,7 +202,16 @@ class LayerStore:
         """Yield a fresh staging dir; on success it becomes ``layers/<id>``.
 
         The backend writes its files in with ``write_staged`` (fsynced, no temp
-        name): the dir is fsynced before the rename and the rename before return."""
+        name): the dir is fsynced before the rename, so whatever the rename makes
+        visible is complete on disk.  Two fsyncs are left out on purpose:
+
+        * ``meta.json`` is not written when ``meta`` is the default (a layer with no
+          parent): ``read_meta`` reads a missing file as the default.
+        * The rename itself is not fsynced.  A machine crash before the filesystem
+          commits it leaves the complete layer in staging/, which ``reconcile``
+          deletes: the layer is then absent, never half (dockerd's in-tree drivers make
+          no Create durable at all).  The next fsync in this Home (ApplyDiff's
+          ``applying`` mark is one) commits the journal that holds it."""
         final = self.layer_dir(layer_id)
         if os.path.lexists(final):
             raise AlreadyExists(f"layer {layer_id} already exists")
@@ -209,7 +221,8 @@ class LayerStore:
         try:
             os.mkdir(stage, LAYER_DIR_MODE)
             own_dir(stage, self.group)
-            write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
+            if meta != _DEFAULT_META:
+                write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
             fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
             fault_point("create.staged")
@@ -220,7 +233,6 @@ class LayerStore:
                     raise AlreadyExists(f"layer {layer_id} already exists") from e
                 raise
             self._known.add(layer_id)
-            fsync_dir(self.layers_dir)
             fault_point("create.renamed")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)

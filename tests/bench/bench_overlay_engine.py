@@ -12,6 +12,8 @@ pid), imports the same images into both, and times what users feel:
 * ``docker commit`` of a container with 100 small files and 8 MiB written
 * ``docker diff`` of a container over 12,000 image files with 50 changes
 * ``docker load`` of a ~200 MB image, and ``docker save`` of it
+* issue 14's small rows (``--small-only``: just these): ``docker commit`` of a
+  container that wrote 3 small files, a 30-step legacy build of small steps
 * a 20-step legacy build (``DOCKER_BUILDKIT=0 docker build --no-cache``): 18
   RUN steps writing a few files and 2 COPY steps, each a layer, FROM the
   imported base image (no registry)
@@ -51,6 +53,7 @@ Engine = harness.Stack | harness.Dockerd
 RUN = ("run", "--rm", "--network", "none")
 MANY_FILES = 12_000
 BUILD_STEPS = 20
+SMALL_BUILD_STEPS = 30
 KEY_JSON = Path("/etc/docker/key.json")  # dockerd 20.10 creates it if missing
 
 
@@ -181,8 +184,8 @@ FIFTY_CHANGES = (
 )
 
 
-def build_context(directory: Path) -> Path:
-    """A Dockerfile FROM bench/base:1 whose ``BUILD_STEPS`` steps each make a
+def build_context(directory: Path, build_steps: int = BUILD_STEPS) -> Path:
+    """A Dockerfile FROM bench/base:1 whose ``build_steps`` steps each make a
     layer: RUN steps writing a few small files, and two COPY steps."""
     directory.mkdir()
     (directory / "one.txt").write_text("copied one\n")
@@ -191,7 +194,7 @@ def build_context(directory: Path) -> Path:
         (directory / "two" / f"f{n}").write_text(f"copied two/{n}\n" * 20)
     copies = ["COPY one.txt /built/one.txt\n", "COPY two /built/two/\n"]
     steps = [f"RUN mkdir -p /built/s{n} && for i in 1 2 3; do echo step {n} file $i"
-             f" > /built/s{n}/f$i; done\n" for n in range(BUILD_STEPS - len(copies))]
+             f" > /built/s{n}/f$i; done\n" for n in range(build_steps - len(copies))]
     middle = len(steps) // 2
     steps[middle:middle] = copies[:1]
     steps.append(copies[1])
@@ -203,7 +206,8 @@ Measure = Callable[[Engine, CallTally | None], float]
 
 
 def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Path,
-               context: Path) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
+               context: Path, small: Path,
+               small_only: bool) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
     rows = []
     tallies: list[tuple[str, CallTally]] = []
     plan = {"reps": reps}  # what the measures below repeat; 1 in the RSS pass
@@ -236,6 +240,39 @@ def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Pat
         ratio = results["strata"] / results[intree] if results[intree] else float("nan")
         rows.append([name, f"{results['strata']:.3f}", f"{results[intree]:.3f}",
                      f"{ratio:.2f}", peak])
+
+    def commit_small(engine: Engine, tally: CallTally | None) -> float:
+        """Issue 14: ``docker commit`` of a container that wrote three small files."""
+        counter = iter(range(1000))
+        state: dict[str, int] = {}
+
+        def prepare() -> None:
+            state["n"] = n = next(counter)
+            engine.docker("run", "--network", "none", "--name", f"cs{n}", "bench/base:1",
+                          "/bin/sh", "-c", "for i in 1 2 3; do echo $i > /f$i; done")
+
+        result = median_seconds(plan["reps"], lambda: engine.docker(
+            "commit", f"cs{state['n']}", f"bench/csmall:{state['n']}"), prepare, tally)
+        for n in range(state["n"] + 1):
+            engine.docker("rm", "-f", f"cs{n}", check=False)
+            engine.docker("rmi", f"bench/csmall:{n}", check=False)
+        return result
+
+    def build_small(engine: Engine, tally: CallTally | None) -> float:
+        """Issue 14: a legacy build of ``SMALL_BUILD_STEPS`` small steps."""
+        def clear() -> None:
+            engine.docker("rmi", "bench/bsmall:1", check=False)
+
+        result = median_seconds(plan["reps"], lambda: engine.docker(
+            "build", "--no-cache", "--network", "none", "-t", "bench/bsmall:1", str(small),
+            env={"DOCKER_BUILDKIT": "0"}, timeout=900), clear, tally)
+        clear()
+        return result
+
+    row("docker commit (3 small files)", commit_small)
+    row(f"legacy build ({SMALL_BUILD_STEPS} small steps)", build_small)
+    if small_only:
+        return rows, tallies
 
     row("docker run --rm /bin/true", lambda e, tally: median_seconds(
         plan["reps"], lambda: e.docker(*RUN, "bench/base:1", "/bin/true"), tally=tally))
@@ -319,6 +356,8 @@ def main() -> int:
                         help="strata's backend; the in-tree driver is overlay2 or vfs")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--load-mib", type=int, default=200)
+    parser.add_argument("--small-only", action="store_true",
+                        help="only issue 14's rows: a 3-file commit and a 30-step build")
     args = parser.parse_args()
     dockerd_bin = harness.find_dockerd()
     if os.geteuid() != 0 or dockerd_bin is None:
@@ -344,7 +383,9 @@ def main() -> int:
         big.unlink()
         status = engines["strata"].docker("info", "--format", "{{json .DriverStatus}}").stdout
         rows, tallies = bench_pair(engines, intree, args.reps, load_tar,
-                                   build_context(workdir / "build-context"))
+                                   build_context(workdir / "build-context"),
+                                   build_context(workdir / "small-build", SMALL_BUILD_STEPS),
+                                   args.small_only)
     finally:
         for engine in engines.values():
             engine.close()
@@ -353,6 +394,8 @@ def main() -> int:
         if not key_json_existed:
             KEY_JSON.unlink(missing_ok=True)
     print(f"strata {args.backend} status: {status.strip()}")
+    print("load average at the end (1 5 15 min): "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"median of {args.reps} runs (load, save: {max(2, args.reps // 2)}); "
           f"ratio = strata / {intree}, < 1 means strata is faster")
     head = ["", "strata s", f"{intree} s", "ratio", "plugin peak RSS MiB"]

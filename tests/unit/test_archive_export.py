@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from plugin.archive import export_tree
+from plugin.archive.proc import stream as archive_stream
+from plugin.archive.proc.export import export_to_memory
 from plugin.idtools import IDMappings
 from tests.unit.test_archive_util import CAP_V2, read_all
 
@@ -319,3 +321,28 @@ def _assert_gone(pids: list[int]) -> None:
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors, f"export helpers outlived the export: {survivors}"
+
+
+@pytest.mark.parametrize("fmt", ["aufs", "overlay"])
+def test_a_small_layer_made_in_memory_is_byte_identical(
+        tree: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small layer is exported by the plugin's own thread (``export_to_memory``, no
+    worker): the same bytes as the worker's, for a tree and for changes."""
+    monkeypatch.setattr(time, "time", lambda: 1_600_000_000.75)
+    monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_BYTES", 1 << 30)
+    monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_ENTRIES", 1 << 20)
+    assert archive_stream._small_tree(str(tree))
+    stream = export_tree(str(tree), IDMappings(), whiteout_format=fmt)
+    assert stream.whole() == _export(_spec(tree, fmt=fmt), SINGLE, forks=0)
+    assert export_to_memory(_spec(tree, CHANGES, fmt)) == _export(_spec(tree, CHANGES, fmt),
+                                                                  SINGLE, forks=0)
+
+
+def test_a_layer_past_the_bounds_goes_to_a_worker(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_BYTES", 1 << 10)
+    monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_ENTRIES", 1 << 20)
+    assert not archive_stream._small_tree(str(tree))
+    with export_tree(str(tree), IDMappings()) as stream:
+        assert stream.whole() is None and stream.pipe_fd() is not None
+        assert len(read_all(stream)) % tarfile.RECORDSIZE == 0

@@ -89,12 +89,40 @@ Chunk = list[str]
 
 def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
     """Write the layer tar the ``export`` worker's spec asks for to ``out``."""
+    _export(spec, Output(out), may_fork=True)
+
+
+class _MemoryOutput(Output):
+    """An Output that keeps what is written (no descriptor, no ``sendfile``)."""
+
+    def __init__(self) -> None:
+        super().__init__(-1)
+        self.sendfile_min = 1 << 62
+        self.chunks: list[bytes] = []
+
+    def flush(self) -> None:
+        if self._parts:
+            self.chunks.append(b"".join(self._parts))
+            self._parts.clear()
+            self.held = 0
+
+
+def export_to_memory(spec: dict[str, Any]) -> bytes:
+    """The layer tar of ``spec`` (as for ``export_layer``), made by the calling thread and
+    held in memory: for a layer the caller knows to be small.  Never forks (the caller
+    may be a thread of the multi-threaded plugin)."""
+    out = _MemoryOutput()
+    _export(spec, out, may_fork=False)
+    return b"".join(out.chunks)
+
+
+def _export(spec: dict[str, Any], out: Output, *, may_fork: bool) -> None:
     root: str = spec["root"]
     prefix = root if root.endswith("/") else root + "/"
     changes: list[list[Any]] | None = spec["changes"]
     chunks = (walk_names(root, CHUNK_ENTRIES) if changes is None
               else _chunked(_change_items(changes), CHUNK_ENTRIES))
-    writer = _ChunkWriter(Output(out), IDMappings.from_json(spec["idmap"]),
+    writer = _ChunkWriter(out, IDMappings.from_json(spec["idmap"]),
                           spec["whiteout_format"], prefix)
     recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=2)
     entries = 0
@@ -102,7 +130,8 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
         for chunk in chunks:
             recent.append((len(chunk), writer.render(chunk)))
             entries += len(chunk)
-            if entries >= FORK_MIN_ENTRIES and _small_entries(recent) and _cpus() >= 2:
+            if (may_fork and entries >= FORK_MIN_ENTRIES and _small_entries(recent)
+                    and _cpus() >= 2):
                 # Only worth a fork with at least two more chunks to share.
                 ahead = list(islice(chunks, 2))
                 if len(ahead) == 2:

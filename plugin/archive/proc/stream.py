@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Self, cast
 
 from plugin.archive.changes import Change, ChangeKind
+from plugin.archive.proc.export import CHUNK_ENTRIES, export_to_memory
+from plugin.archive.proc.warm import WarmPool, WarmWorker
 from plugin.archive.proc.wire import FATAL_PREFIX, WORKER_MODULE
 from plugin.archive.proc.zygote import ForkedWorker, Zygote, ZygoteError
 from plugin.errors import InvalidArgument, NotFound, StrataError
@@ -35,6 +38,15 @@ _CHUNK = 1 << 20
 #: small layer is not worth the fork.
 HELPER_AFTER = 64
 _WHITEOUT_FORMATS = ("aufs", "overlay")
+#: A layer of at most this many entries, and bytes of regular files, is exported by the
+#: calling thread into memory instead of by a worker: a worker costs a fork, pipes and
+#: process wake-ups, many times the export of a small layer (``bench_graphtest.py``).
+#: Export only reads the tree, with the calls the worker makes (it is not chrooted
+#: either), so nothing is given up in confinement; the bounds cap the memory held and
+#: the GIL time taken from the event loop.  Twice ``CHUNK_ENTRIES``: a worker would not
+#: fork its helper below that either.
+MEMORY_EXPORT_MAX_ENTRIES = 2 * CHUNK_ENTRIES
+MEMORY_EXPORT_MAX_BYTES = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # The directory that holds the ``plugin`` package (this file is plugin/archive/proc/stream.py),
 # so the child imports this very copy.
@@ -62,6 +74,7 @@ def _worker_env() -> dict[str, str]:
 
 
 _ZYGOTE = Zygote(_worker_env())
+_WARM = WarmPool(_ZYGOTE)
 
 
 def _spawn(args: list[str], stderr: IO[bytes]) -> WorkerProcess:
@@ -99,6 +112,11 @@ class TarStream:
 
     def readable(self) -> bool:
         return True
+
+    def whole(self) -> bytes | None:
+        """The whole tar when it was made in memory (nothing left to wait for or reap:
+        ``close`` does not block); None: read it."""
+        return None
 
     def pipe_fd(self) -> int | None:
         """The child's stdout, for a reader that waits on it itself (the server's event
@@ -153,6 +171,69 @@ class TarStream:
         self.close()
 
 
+class MemoryTarStream(TarStream):
+    """A layer tar made in memory by ``export_to_memory`` (a small layer)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def whole(self) -> bytes | None:
+        return self._data[self._pos:]
+
+    def pipe_fd(self) -> int | None:
+        return None
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        data = self._data[self._pos:end]
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._pos = len(self._data)
+
+
+def _small_tree(root: str) -> bool:
+    """Is the tree under ``root`` within the in-memory export bounds?"""
+    entries, size, pending = 0, 0, [root]
+    try:
+        while pending:
+            with os.scandir(pending.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    if entries > MEMORY_EXPORT_MAX_ENTRIES:
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        size += entry.stat(follow_symlinks=False).st_size
+                        if size > MEMORY_EXPORT_MAX_BYTES:
+                            return False
+    except OSError:
+        return False  # the worker meets it again and reports it as it always has
+    return True
+
+
+def _small_changes(root: str, changes: list[Change]) -> bool:
+    """Are ``changes`` of ``root`` within the in-memory export bounds?"""
+    if len(changes) > MEMORY_EXPORT_MAX_ENTRIES:
+        return False
+    size = 0
+    for change in changes:
+        if change.kind == ChangeKind.DELETE:
+            continue
+        try:
+            st = os.lstat(os.path.join(root, change.path.lstrip("/")))
+        except OSError:
+            return False
+        if stat.S_ISREG(st.st_mode):
+            size += st.st_size
+            if size > MEMORY_EXPORT_MAX_BYTES:
+                return False
+    return True
+
+
 def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
                   changes: list[Change] | None) -> TarStream:
     if whiteout_format not in _WHITEOUT_FORMATS:
@@ -163,6 +244,11 @@ def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
         "root": root, "idmap": idmap.to_json(), "whiteout_format": whiteout_format,
         "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes],
     }
+    if _small_tree(root) if changes is None else _small_changes(root, changes):
+        try:
+            return MemoryTarStream(export_to_memory(spec))
+        except (StrataError, OSError, ValueError, KeyError) as exc:
+            raise StrataError(f"exporting {root}: {exc}") from None
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the TarStream
     proc = _spawn(["export"], stderr)
     # With 64 KiB the server would move the tar in 64 KiB reads, one thread hop each.
@@ -219,14 +305,17 @@ def _helper_after() -> int:
 
 
 def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
-    args = json.dumps({"root": root, "idmap": options.idmap.to_json(),
-                       "whiteout_format": options.whiteout_format,
-                       "helper_after": _helper_after()})
+    spec = {"root": root, "idmap": options.idmap.to_json(),
+            "whiteout_format": options.whiteout_format, "helper_after": _helper_after()}
+    warm = _WARM.take()
+    if warm is not None:
+        return _run_warm_apply(warm, root, stream, spec)
     with tempfile.TemporaryFile() as stderr:
-        proc = _spawn(["apply", args], stderr)
+        proc = _spawn(["apply", json.dumps(spec)], stderr)
         _widen_pipe(proc.stdin)
         try:
-            _feed(proc, stream)
+            assert proc.stdin is not None
+            _feed(proc.stdin, stream)
             assert proc.stdout is not None
             reply = proc.stdout.read()
             rc = proc.wait()
@@ -240,6 +329,35 @@ def _run_apply(root: str, stream: BinaryIO, options: ApplyOptions) -> int:
     return _parse_apply_reply(root, reply, rc, lines)
 
 
+def _run_warm_apply(warm: WarmWorker, root: str, stream: BinaryIO,
+                    spec: dict[str, Any]) -> int:
+    """``_run_apply`` by a warm worker (``warm.py``): the same job, the same reply."""
+    reply = b""
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            tar_r, tar_w = os.pipe2(os.O_CLOEXEC)
+            with open(tar_w, "wb") as pipe:
+                try:
+                    warm.send(spec, tar_r, stderr)
+                finally:
+                    os.close(tar_r)
+                _widen_pipe(pipe)
+                _feed(pipe, stream)
+            reply = warm.reply()
+            lines = _relay_log(stderr)
+    finally:
+        _WARM.give_back(warm, reusable=_stays(reply))
+    return _parse_apply_reply(root, reply, warm.proc.poll() or 0, lines)
+
+
+def _stays(reply: bytes) -> bool:
+    """Did the warm worker say it takes another job?"""
+    try:
+        return bool(json.loads(reply).get("retire") is False)
+    except (ValueError, AttributeError):
+        return False
+
+
 def _widen_pipe(pipe: IO[bytes] | None) -> None:
     """A 64 KiB pipe makes the copy ping-pong between processes; 1 MiB (the default
     /proc/sys/fs/pipe-max-size) lets each side move a whole chunk per wake-up."""
@@ -250,13 +368,11 @@ def _widen_pipe(pipe: IO[bytes] | None) -> None:
         fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _CHUNK)
 
 
-def _feed(proc: WorkerProcess, stream: BinaryIO) -> None:
+def _feed(stdin: IO[bytes], stream: BinaryIO) -> None:
     """Copy ``stream`` into the child's stdin; after the child stops reading, keep
     draining ``stream`` so the sender always sees its body consumed.  A stream
     with ``pump`` (the server's request body) writes itself into the pipe from
     the event loop."""
-    stdin = proc.stdin
-    assert stdin is not None
     pump = getattr(stream, "pump", None)
     if pump is not None:
         pump(stdin.fileno())
@@ -291,5 +407,5 @@ def _parse_apply_reply(root: str, reply: bytes, rc: int, lines: list[str]) -> in
     return int(result["size"])
 
 
-__all__ = ["ApplyOptions", "Change", "ChangeKind", "TarStream", "apply_layer",
+__all__ = ["ApplyOptions", "Change", "ChangeKind", "MemoryTarStream", "TarStream", "apply_layer",
            "export_changes", "export_tree"]

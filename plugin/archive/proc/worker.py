@@ -6,6 +6,11 @@ pipes only:
 
 * ``apply ARGS_JSON``: layer tar on stdin; one JSON line on stdout:
   ``{"size": N}`` or ``{"error": "...", "kind": "InvalidArgument"|"StrataError"}``.
+* ``apply-server``: a warm apply worker (``warm.py``) on the Unix socket that is its
+  stdin: per job, the args JSON with two descriptors (the tar's pipe, a stderr file);
+  it chroots into the layer, extracts, leaves the chroot through a descriptor of the
+  real root it opened before its first job, and answers one JSON line (as ``apply``,
+  plus ``"retire": true`` when it leaves after this job).
 * ``zygote FD``: serve fork requests on the socket FD (``zygote.py``); each
   forked child then runs ``apply`` or ``export`` as above.
 * ``export``: one JSON line on stdin (root, changes or null, idmap, whiteout
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -52,6 +58,42 @@ def _apply(args: dict[str, Any], stdin: int) -> dict[str, Any]:
         return {"error": f"applying layer to {root}: {exc}", "kind": "StrataError"}
 
 
+#: A warm apply worker leaves after a job that moved more than this: its memory then
+#: goes back to the system, and a big layer costs the same as with a fresh worker.
+WARM_MAX_BYTES = 8 << 20
+_MAX_JOB = 1 << 16
+
+
+def _serve_applies(control: socket.socket) -> int:
+    """``apply-server``: apply jobs one at a time until the plugin closes ``control``.
+
+    Every job is confined as a fresh worker's is: ``_apply`` chroots into the layer
+    before it reads the tar.  Between jobs the process leaves that chroot by the
+    descriptor of the real root it opened first, which nothing in a job uses (the
+    extractor resolves every path inside the chroot); a job that failed, or could not
+    be left, ends the process instead of leaving it for the next."""
+    real_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, _MAX_JOB, 2)
+        if not message or len(fds) != 2:
+            return 0  # the plugin let go of this worker
+        tar_fd, err_fd = fds
+        os.dup2(err_fd, 2)
+        os.close(err_fd)
+        try:
+            result = _apply(json.loads(message), tar_fd)
+        finally:
+            os.close(tar_fd)
+            os.fchdir(real_root)
+            os.chroot(".")
+            os.chdir("/")
+        retire = "error" in result or result["size"] > WARM_MAX_BYTES
+        sys.stderr.flush()
+        control.sendall(json.dumps({**result, "retire": retire}).encode() + b"\n")
+        if retire:
+            return 0
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(message)s")
@@ -73,6 +115,8 @@ def main(argv: list[str]) -> int:
             sys.stderr.write(f"{FATAL_PREFIX}{exc}\n")
             return 1
         return 0
+    if argv == ["apply-server"]:
+        return _serve_applies(socket.socket(fileno=stdin.fileno()))
     if len(argv) == 2 and argv[0] == "zygote":
         from plugin.archive.proc import zygote
 

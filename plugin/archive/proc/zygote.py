@@ -52,7 +52,7 @@ class ZygoteError(Exception):
 class ForkedWorker:
     """The parent's handle on one forked worker (a ``Popen`` look-alike)."""
 
-    def __init__(self, pid: int, status: socket.socket, stdin: IO[bytes],
+    def __init__(self, pid: int, status: socket.socket, stdin: IO[bytes] | None,
                  stdout: IO[bytes] | None) -> None:
         self.pid = pid
         self.returncode: int | None = None
@@ -141,10 +141,11 @@ class Zygote:
                 self._proc.wait()
             self._proc = None
 
-    def start(self, argv: list[str], stderr: IO[bytes], want_stdout: bool) -> ForkedWorker:
-        """Fork ``worker.main(argv)`` with a stdin pipe, a stdout pipe (or ``/dev/null``
-        when ``want_stdout`` is false) and ``stderr``."""
-        in_r, in_w = os.pipe()
+    def start(self, argv: list[str], stderr: IO[bytes], want_stdout: bool,
+              stdin: socket.socket | None = None) -> ForkedWorker:
+        """Fork ``worker.main(argv)`` with a stdin pipe (or ``stdin``), a stdout pipe (or
+        ``/dev/null`` when ``want_stdout`` is false) and ``stderr``."""
+        in_r, in_w = os.pipe() if stdin is None else (os.dup(stdin.fileno()), -1)
         out_r, out_w = os.pipe() if want_stdout else (-1, os.open(os.devnull, os.O_WRONLY))
         status, child_status = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [in_r, out_w, stderr.fileno(), child_status.fileno()]
@@ -172,7 +173,8 @@ class Zygote:
                 os.close(fd)
             child_status.close()
         pid_text, _, rest = line.partition(b"\n")
-        worker = ForkedWorker(int(pid_text), status, open(in_w, "wb"),  # noqa: SIM115
+        worker = ForkedWorker(int(pid_text), status,
+                              open(in_w, "wb") if in_w >= 0 else None,  # noqa: SIM115
                               open(out_r, "rb") if out_r >= 0 else None)  # noqa: SIM115
         worker._pending = rest
         return worker
