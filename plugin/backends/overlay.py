@@ -89,6 +89,15 @@ LEGACY_MAX_LOWERS = (mountapi.MOUNT_DATA_MAX - _FIXED_OPTION_BYTES) // _BYTES_PE
 DIFF_SIZE_KEY = "diff_size"
 
 
+def read_small_file(path: str) -> str:
+    """A layer's ``link`` or ``lower`` file, stripped; "" when it is missing."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def new_link_id() -> str:
     # One getrandom(2) for the 130 bits, not one per character (26 per Create).
     return base64.b32encode(secrets.token_bytes(17)).decode("ascii")[:LINK_LEN]
@@ -134,13 +143,7 @@ class OverlayDriver(RefCountedStore, Driver):
     def merged_dir(layer_dir: str) -> str:
         return os.path.join(layer_dir, "merged")
 
-    @staticmethod
-    def _read(path: str) -> str:
-        try:
-            with open(path, encoding="ascii") as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            return ""
+    _read = staticmethod(read_small_file)
 
     def lower_links(self, layer_dir: str) -> list[str]:
         """The ``l/<LINK>`` names of the lower chain, top first; [] for a base layer."""

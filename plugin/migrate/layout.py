@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from plugin.backends.overlay import read_small_file
 from plugin.errors import InvalidArgument
 from plugin.state.layers import validate_id
 
@@ -69,14 +70,6 @@ class Scan:
     problems: list[str] = field(default_factory=list)
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return ""
-
-
 def read_layer(layer_dir: str) -> Layer | str:
     """The layer's link and lowers, or a sentence saying why it is not a layer."""
     if os.path.islink(layer_dir) or not os.path.isdir(layer_dir):
@@ -85,8 +78,8 @@ def read_layer(layer_dir: str) -> Layer | str:
     if os.path.islink(diff) or not os.path.isdir(diff):
         return "has no diff/ directory"
     try:
-        link = _read(os.path.join(layer_dir, "link"))
-        lower = _read(os.path.join(layer_dir, "lower"))
+        link = read_small_file(os.path.join(layer_dir, "link"))
+        lower = read_small_file(os.path.join(layer_dir, "lower"))
     except (OSError, UnicodeDecodeError) as e:
         return f"has an unreadable link or lower file ({e})"
     if not _LINK_RE.fullmatch(link):

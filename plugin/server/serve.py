@@ -47,7 +47,7 @@ def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
     """Bind ``path`` with ``mode`` from the first instant (no window at 0755)."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     if os.path.lexists(path):
-        if _socket_answers(path):
+        if socket_answers(path):
             raise SystemExit(f"strata: {path} is already served by another process")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -62,7 +62,8 @@ def bind_unix(path: str, mode: int, group: int | None) -> socket.socket:
     return sock
 
 
-def _socket_answers(path: str) -> bool:
+def socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(path)

@@ -22,26 +22,11 @@ from tests.engine import harness
 from tests.engine.harness import BASE_IMAGE
 from tests.engine.rootfs import Rootfs
 from tests.gostring import go_json_string
+from tests.support.names import HOSTILE_NAMES
 
 pytestmark = pytest.mark.engine
 
-NAMES = [
-    b"latin1-\xe9\xff",
-    b"caf\xe9",
-    b"cut-\xe2\x82-short",
-    b"overlong-\xc0\xaf",
-    b"surrogate-\xed\xa0\x80",
-    b"replacement-\xef\xbf\xbd",
-    "nfc-é".encode(),
-    unicodedata.normalize("NFD", "nfc-é").encode(),
-    "emoji-😀".encode(),
-    "zwj-👩\u200d💻".encode(),
-    b"newline-\n-x",
-    b"tab-\t-x",
-    b"ctrl-\x01-x",
-    b"del-\x7f-x",
-    b"esc-\x1b[31m-x",
-]
+NAMES = HOSTILE_NAMES
 DIR, INNER = b"dir-\xe9\xff\n", b"inner-\xfe"
 #: What the second container deletes and changes (in their own directories, so that
 #: the order of a deleted entry among kept ones is not what is compared here).

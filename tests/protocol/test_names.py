@@ -14,12 +14,12 @@ import json
 import logging
 import os
 import tarfile
-import unicodedata
 
 import pytest
 
 from tests.gostring import go_json_string
 from tests.support.client import PluginError
+from tests.support.names import HOSTILE_NAMES
 from tests.support.plugin import PluginUnderTest
 
 pytestmark = pytest.mark.asyncio
@@ -27,24 +27,7 @@ pytestmark = pytest.mark.asyncio
 ADD, MODIFY, DELETE = 1, 0, 2
 
 #: Names that every backend stores as given (bytes on disk).
-NAMES = [
-    b"latin1-\xe9\xff",
-    b"caf\xe9",
-    b"cut-\xe2\x82-short",
-    b"overlong-\xc0\xaf",
-    b"surrogate-\xed\xa0\x80",
-    b"replacement-\xef\xbf\xbd",
-    "nfc-é".encode(),
-    unicodedata.normalize("NFD", "nfc-é").encode(),
-    "emoji-😀".encode(),
-    "zwj-👩\u200d💻".encode(),
-    b"newline-\n-x",
-    b"tab-\t-x",
-    b"ctrl-\x01-x",
-    b"del-\x7f-x",
-    b"esc-\x1b[31m-x",
-    b"rtl-\xe2\x80\xaeexe.txt",
-]
+NAMES = [*HOSTILE_NAMES, b"rtl-\xe2\x80\xaeexe.txt"]
 DIR, INNER = b"dir-\xe9\xff\n", b"inner-\xfe"
 GONE, CHANGED = b"gone-\xff\x1b", b"changed-\xe9"
 

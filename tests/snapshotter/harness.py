@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from grpclib.client import Channel
 
 from plugin.driver.base import MountSpec
 from plugin.driver.mountapi import unmount
+from plugin.server.serve import socket_answers
 from plugin.snapshotter.proto import mount_pb2, snapshots_grpc
 from plugin.snapshotter.proto import snapshots_pb2 as pb
 from tests.protocol.test_mount_specs import mount_by_mount8
@@ -50,7 +50,7 @@ class SnapshotterProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"strata snapshotter exited {self.process.returncode}: "
                                    f"{self.log()[-2000:]}")
-            if _answers(self.socket_path):
+            if socket_answers(self.socket_path):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"strata snapshotter did not answer within {START_TIMEOUT}s")
@@ -70,15 +70,6 @@ class SnapshotterProcess:
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def specs(mounts: Sequence[mount_pb2.Mount]) -> list[MountSpec]:
