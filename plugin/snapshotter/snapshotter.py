@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 
 from plugin.driver.base import CreateOpts, Driver, MountSpec
 from plugin.errors import FailedPrecondition, StrataError
+from plugin.faults import fault_point
 from plugin.snapshotter.filters import FieldLookup, parse_all
 from plugin.snapshotter.metadata import Info, Kind, MetaStore, Record
 
@@ -78,6 +79,7 @@ class Snapshotter:
             self._building.add(layer)
         try:
             self.driver.create(layer, "" if parent_id is None else str(parent_id), CreateOpts())
+            fault_point("snap.prepare.built")
             try:
                 record = self.meta.insert(rid, kind, key, parent, labels)
             except BaseException:
@@ -86,6 +88,7 @@ class Snapshotter:
         finally:
             with self._building_lock:
                 self._building.discard(layer)
+        fault_point("snap.prepare.recorded")
         return self._mounts(record)
 
     def mounts(self, key: str) -> list[MountSpec]:
@@ -103,10 +106,15 @@ class Snapshotter:
         record = self.meta.get(key)
         # Measured only for an active snapshot: the rest is refused below anyway.
         usage = self.driver.usage(record.layer) if record.info.kind == Kind.ACTIVE else (0, 0)
-        return self.meta.commit(key, name, usage, labels).info
+        fault_point("snap.commit.measured")
+        committed = self.meta.commit(key, name, usage, labels).info
+        fault_point("snap.commit.recorded")
+        return committed
 
     def remove(self, key: str) -> None:
-        self._remove_layer(self.meta.remove(key).layer)
+        layer = self.meta.remove(key).layer
+        fault_point("snap.remove.unrecorded")
+        self._remove_layer(layer)
 
     def _remove_layer(self, layer: str) -> None:
         """Delete a layer no row claims any more; a failure is left to Cleanup
