@@ -101,7 +101,8 @@ async def receive_bounded(stream: Stream[Request, Response], limit: int) -> Requ
     proto3 forbids) is INVALID_ARGUMENT naming the cause (grpc-go says
     INTERNAL: the fault is the client's).  It reads grpclib's HTTP/2 stream
     and codec directly (``_stream``, ``_recv_type``: pyproject pins grpclib
-    below 0.5; tests/snapshotter/test_hostile.py fails if they move)."""
+    below 0.5; tests/snapshotter/test_hostile.py fails if they move), so
+    grpclib's ``RecvMessage`` event is not sent (strata listens to none)."""
     raw = stream._stream
     prefix = await _recv_exactly(raw, 5)
     if not prefix:
