@@ -61,6 +61,7 @@ class Scene:
         self.ns = secrets.token_hex(4)
         self.work = work
         self.client = Client(server.socket_path)
+        self.armed = False  # the running server has a fault point set
 
     def key(self, name: str) -> str:
         return f"{self.ns}/{name}"
@@ -69,6 +70,7 @@ class Scene:
         self.client.close()
         self.server.stop()
         self.server.extra_env = {"STRATA_FAULTS": faults} if faults else {}
+        self.armed = bool(faults)
         try:
             self.server.start()
         finally:
@@ -109,7 +111,9 @@ async def scene(server: SnapshotterProcess, work: str) -> AsyncIterator[Scene]:
         yield s
     finally:
         s.client.close()
-        if server.process is None:  # a failed test left it dead: the next test needs it
+        if s.armed:  # a failed test left its fault point set: the next test needs none
+            server.stop()
+        if server.process is None:  # or left it dead
             server.start()
 
 
