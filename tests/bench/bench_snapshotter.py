@@ -1,7 +1,8 @@
 """Issue 18: the containerd snapshotter through its gRPC socket, strata against
 containerd's own snapshotters served by Go, in the same run.
 
-    python tests/bench/bench_snapshotter.py [--n 200] [--rounds 3] [--fs loop|tmpfs|dir]
+    python tests/bench/bench_snapshotter.py [--n 200] [--rounds 3] [--ctr-reps 3]
+                                            [--fs loop|tmpfs|dir]
 
 Four servers on one filesystem (an ext4 loop fs by default, docs/host.md §6):
 ``strata snapshotter`` with overlay and with vfs, and containerd 1.6's
@@ -14,10 +15,15 @@ per pass after a warm-up.  The servers take turns, ``--rounds`` passes each;
 the table shows every pass's p50 and the ratios strata/containerd of the
 medians (overlay/overlayfs, vfs/native).
 
-Not measured here: ``ctr images import`` (unpack) and ``ctr run --rm`` through
-a private containerd (the issue's unpack <= 1.2x, run <= 1.1x); that needs the
-private-containerd launcher of tests/containerd (another branch).  Timings
-never fail anything: the exit status is 0 unless the harness itself breaks.
+Then, unless ``--ctr-reps 0``, the whole path through a private containerd
+1.6 (tests/bench/ctrbench.py; strata's two servers are its proxy snapshotters
+``strata-overlay`` and ``strata-vfs``, its own roots on the same fs):
+``ctr images import`` (ingest + unpack) of a two-layer OCI image (busybox,
+then ``/usr/lib/python3.11``) and ``ctr run --rm`` of it (``/bin/true``), on
+each snapshotter in turns, ``ctr images rm --sync`` between; medians and the
+ratios against overlayfs and native (the issue's bar: unpack <= 1.2x, run <=
+1.1x).  Timings never fail anything: the exit status is 0 unless the harness
+itself breaks.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.benchlib import Workspace, log
+from tests.bench.ctrbench import IMAGE, PrivateContainerd, oci_image_tar
 from tests.snapshotter.harness import SnapshotterProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,6 +138,10 @@ def run(args: argparse.Namespace) -> None:
                     passes[column].append(bench_once(gosnap, servers[column].socket_path,
                                                      args.n))
             report(passes, args)
+            if args.ctr_reps:
+                sockets = {f"strata-{b}": servers[f"strata {b}"].socket_path
+                           for b in ("overlay", "vfs")}
+                ctr_bench(ws, sockets, args.ctr_reps)
         finally:
             for server in servers.values():
                 server.stop()
@@ -152,11 +163,52 @@ def report(passes: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
         print(" | ".join([op, *cells, *ratios]))
 
 
+#: (row, strata's proxy snapshotter, containerd's own) for the ctr table.
+CTR_PAIRS = [("overlay/overlayfs", "strata-overlay", "overlayfs"),
+             ("vfs/native", "strata-vfs", "native")]
+
+
+def ctr_bench(ws: Workspace, sockets: dict[str, str], reps: int) -> None:
+    image = ws.base / "image.tar"
+    oci_image_tar(image, Path("/usr/lib/python3.11"))
+    containerd = PrivateContainerd(ws.dir("containerd"), sockets)
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        for rep in range(reps):
+            for _, mine, theirs in CTR_PAIRS:
+                for snapshotter in (mine, theirs):
+                    log(f"ctr rep {rep + 1}/{reps}: {snapshotter}")
+                    ws.drop_caches_and_sync()
+                    for op, argv in [("import", ["images", "import", "--snapshotter",
+                                                 snapshotter, str(image)]),
+                                     ("run", ["run", "--rm", "--snapshotter", snapshotter,
+                                              IMAGE, f"bench-{rep}", "/bin/true"])]:
+                        start = time.perf_counter()
+                        containerd.ctr(*argv)
+                        times.setdefault((snapshotter, op), []).append(
+                            time.perf_counter() - start)
+                    containerd.ctr("images", "rm", "--sync", IMAGE)
+    finally:
+        containerd.stop()
+    print(f"\nctr through a private containerd, {reps} reps in turns, seconds (median; "
+          "every rep)")
+    print("op | snapshotters | strata | containerd | ratio | bar")
+    for op, bar in (("import", "<= 1.2"), ("run", "<= 1.1")):
+        for row, mine, theirs in CTR_PAIRS:
+            a, b = statistics.median(times[mine, op]), statistics.median(times[theirs, op])
+            every = " / ".join(f"{t:.2f}" for t in times[mine, op]), \
+                " / ".join(f"{t:.2f}" for t in times[theirs, op])
+            print(f"{op} | {row} | {a:.2f} ({every[0]}) | {b:.2f} ({every[1]}) | "
+                  f"{a / b:.2f} | {bar}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="timed rounds per pass")
     parser.add_argument("--rounds", type=int, default=3, help="passes per server")
     parser.add_argument("--fs", choices=["loop", "tmpfs", "dir"], default="loop")
+    parser.add_argument("--ctr-reps", type=int, default=3,
+                        help="ctr import/run reps per snapshotter (0: skip)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the snapshotters mount and the fs is a loop mount")
