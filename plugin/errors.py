@@ -68,6 +68,13 @@ class InvalidArgument(StrataError):
     http_status = 400
 
 
+class ResourceExhausted(StrataError):
+    """A request larger than strata takes: a containerd snapshot key, label set
+    or gRPC message past the limits of ``plugin.snapshotter.limits``."""
+
+    http_status = 413
+
+
 class NotInitialized(StrataError):
     """A GraphDriver call arrived before Init (and nothing was persisted)."""
 

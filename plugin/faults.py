@@ -31,6 +31,12 @@ POINTS = (
     "remove.renamed",     # layer renamed into trash/, not yet deleted
     "get",                # before a Get mounts
     "put",                # before a Put unmounts
+    # containerd snapshotter (plugin/snapshotter/snapshotter.py):
+    "snap.prepare.built",      # Prepare/View: layer in place, its record not yet inserted
+    "snap.prepare.recorded",   # Prepare/View: record committed, mounts not yet answered
+    "snap.commit.measured",    # Commit: usage measured, record not yet turned committed
+    "snap.commit.recorded",    # Commit: record committed, not yet answered
+    "snap.remove.unrecorded",  # Remove: record deleted, layer not yet deleted
 )
 
 #: ``strata migrate``'s steps (plugin/migrate): each fires once, after the step it names

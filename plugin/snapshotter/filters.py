@@ -64,6 +64,10 @@ class Filter:
 
     alternatives: tuple[tuple[Selector, ...], ...]
 
+    @property
+    def uses_regex(self) -> bool:
+        return any(s.operator == "~=" for selectors in self.alternatives for s in selectors)
+
     def match(self, lookup: FieldLookup) -> bool:
         if not self.alternatives:
             return True

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from plugin.snapshotter.limits import check_labels
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -233,7 +234,8 @@ class MetaStore:
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
         """containerd ``storage.UpdateInfo``: only labels change; ``labels``
         replaces them all, ``labels.<k>`` sets (or, empty, removes) one key, no
-        path replaces them all; any other path is ``InvalidArgument``."""
+        path replaces them all; any other path is ``InvalidArgument``, and
+        labels past ``limits`` (checked on the result) refused as there."""
         now = time.time_ns()
         with self._transaction() as db:
             found = self._get(db, name)
@@ -250,6 +252,7 @@ class MetaStore:
                     raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}")
             if not paths:
                 new = dict(labels)
+            check_labels(new)
             db.execute("UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
                        (_labels(new), now, found.id))
             updated = self._get(db, name)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import Stream as H2Stream
 from grpclib.server import Stream
 
 from plugin import errors
 from plugin.driver.base import MountSpec
+from plugin.snapshotter.limits import MAX_MESSAGE
 from plugin.snapshotter.metadata import Info
 from plugin.snapshotter.proto import mount_pb2, snapshots_pb2
 from plugin.snapshotter.proto.snapshots_grpc import SnapshotsBase
@@ -50,7 +54,18 @@ STATUS: dict[type[errors.StrataError], Status] = {
     errors.NotSupported: Status.UNIMPLEMENTED,
     errors.DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     errors.Busy: Status.UNAVAILABLE,
+    errors.ResourceExhausted: Status.RESOURCE_EXHAUSTED,
 }
+
+
+#: Longest error text sent (as the grpc-message trailer) or logged: errors
+#: quote keys, and a hostile request's 1 MiB key or Update path must not
+#: become a header the client refuses or a log line the size of the request.
+MAX_MESSAGE_TEXT = 4096
+
+
+def brief(text: str, limit: int = MAX_MESSAGE_TEXT) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def grpc_status(error: errors.StrataError) -> Status:
@@ -75,6 +90,45 @@ def to_info(info: Info) -> snapshots_pb2.Info:
                               updated_at=_timestamp(info.updated), labels=info.labels)
 
 
+async def receive_bounded(stream: Stream[Request, Response], limit: int) -> Request | None:
+    """``Stream.recv_message`` with grpc-go's receive limit and answers.
+
+    grpclib 0.4 reads a message of whatever length its 5-byte prefix claims
+    into memory, and a body protobuf cannot decode becomes UNKNOWN "Internal
+    Server Error".  Here the claimed length is refused past ``limit`` before
+    any of the body is read (RESOURCE_EXHAUSTED, grpc-go's text), and a body
+    that does not decode (bad wire format, strings that are not UTF-8, which
+    proto3 forbids) is INVALID_ARGUMENT naming the cause (grpc-go says
+    INTERNAL: the fault is the client's).  It reads grpclib's HTTP/2 stream
+    and codec directly (``_stream``, ``_recv_type``: pyproject pins grpclib
+    below 0.5; tests/snapshotter/test_hostile.py fails if they move), so
+    grpclib's ``RecvMessage`` event is not sent (strata listens to none)."""
+    raw = stream._stream
+    prefix = await _recv_exactly(raw, 5)
+    if not prefix:
+        return None
+    compressed, length = struct.unpack(">?I", prefix)
+    if compressed:
+        raise GRPCError(Status.UNIMPLEMENTED, "compressed requests are not accepted")
+    if length > limit:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                        f"grpc: received message larger than max ({length} vs. {limit})")
+    body = await _recv_exactly(raw, length)
+    try:
+        return cast(Request, stream._recv_type.FromString(body))  # type: ignore[attr-defined]
+    except DecodeError as e:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"cannot decode the request: {e}") from None
+
+
+async def _recv_exactly(raw: H2Stream, size: int) -> bytes:
+    """``size`` bytes, or b"" at the end of the stream; a stream that ends
+    inside them is INVALID_ARGUMENT (grpclib's buffer asserts)."""
+    try:
+        return await raw.recv_data(size)
+    except AssertionError:
+        raise GRPCError(Status.INVALID_ARGUMENT, "truncated gRPC message") from None
+
+
 class SnapshotsService(SnapshotsBase):
     def __init__(self, snapshotter: Snapshotter, executor: Executor) -> None:
         self.snapshotter = snapshotter
@@ -84,24 +138,26 @@ class SnapshotsService(SnapshotsBase):
         """``fn(*args)`` in the pool; a typed error becomes its gRPC status."""
         start = time.perf_counter()
         outcome = "ok"
+        shown = brief(repr(key))
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self.executor, functools.partial(fn, *args))
         except errors.StrataError as e:
             status = grpc_status(e)
-            outcome = f"{status.name}: {e}"
-            raise GRPCError(status, str(e)) from e
+            outcome = f"{status.name}: {brief(str(e))}"
+            raise GRPCError(status, brief(str(e))) from e
         except Exception as e:
-            outcome = f"UNKNOWN: {e!r}"
-            log.exception("%s %r failed", op, key)
-            raise GRPCError(Status.UNKNOWN, f"{op} {key!r}: {e}") from e
+            outcome = f"UNKNOWN: {brief(repr(e))}"
+            log.exception("%s %s failed", op, shown)
+            raise GRPCError(Status.UNKNOWN, brief(f"{op} {shown}: {e}")) from e
         finally:
-            log.info("%s %r %.1fms %s", op, key, (time.perf_counter() - start) * 1000, outcome)
+            log.info("%s %s %.1fms %s", op, shown, (time.perf_counter() - start) * 1000, outcome)
 
     @staticmethod
     async def _request(stream: Stream[Request, Response]) -> Request:
-        request = await stream.recv_message()
-        assert request is not None  # grpclib answers an absent unary request itself
+        request = await receive_bounded(stream, MAX_MESSAGE)
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "the call carries no request message")
         return request
 
     async def Prepare(self, stream: Stream[snapshots_pb2.PrepareSnapshotRequest,

@@ -4,7 +4,8 @@ Each snapshot is one core layer, named by its row's id (``metadata.Record``):
 an active snapshot is a writable layer on its parent, a view a layer mounted
 read-only, and Commit only changes the row (the layer's files *are* the
 committed content, as containerd's overlay snapshotter keeps its upper dir).
-The rules and errors are those of containerd 1.6's ``snapshots/storage``
+Keys and labels are checked against containerd's own limits first
+(``limits``).  The rules and errors are those of containerd 1.6's ``snapshots/storage``
 (Prepare of an existing key is ``AlreadyExists``, of a missing parent
 ``NotFound``, of an uncommitted parent ``InvalidArgument``; Mounts of a
 committed snapshot, Commit of a view and Remove of a parent are
@@ -32,28 +33,12 @@ from collections.abc import Mapping, Sequence
 
 from plugin.driver.base import CreateOpts, Driver, MountSpec
 from plugin.errors import FailedPrecondition, StrataError
-from plugin.snapshotter.filters import FieldLookup, parse_all
+from plugin.faults import fault_point
+from plugin.snapshotter.limits import check_key, check_labels
+from plugin.snapshotter.listing import select
 from plugin.snapshotter.metadata import Info, Kind, MetaStore, Record
 
 log = logging.getLogger("strata.snapshotter")
-
-
-def _lookup(info: Info) -> FieldLookup:
-    """containerd ``storage.adaptSnapshot``: the fields a List filter can name."""
-    def field(path: Sequence[str]) -> tuple[str, bool]:
-        if not path:
-            return "", False
-        if path[0] == "kind":
-            return info.kind.name.lower(), True
-        if path[0] == "name":
-            return info.name, True
-        if path[0] == "parent":
-            return info.parent, True
-        if path[0] == "labels" and info.labels:
-            key = ".".join(path[1:])
-            return info.labels.get(key, ""), key in info.labels
-        return "", False
-    return field
 
 
 class Snapshotter:
@@ -72,12 +57,16 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str,
                 labels: Mapping[str, str]) -> list[MountSpec]:
+        check_key(key)
+        check_key(parent, "parent")
+        check_labels(labels)
         rid, parent_id = self.meta.reserve(key, parent)
         layer = str(rid)
         with self._building_lock:
             self._building.add(layer)
         try:
             self.driver.create(layer, "" if parent_id is None else str(parent_id), CreateOpts())
+            fault_point("snap.prepare.built")
             try:
                 record = self.meta.insert(rid, kind, key, parent, labels)
             except BaseException:
@@ -86,9 +75,11 @@ class Snapshotter:
         finally:
             with self._building_lock:
                 self._building.discard(layer)
+        fault_point("snap.prepare.recorded")
         return self._mounts(record)
 
     def mounts(self, key: str) -> list[MountSpec]:
+        check_key(key)
         return self._mounts(self.meta.get(key))
 
     def _mounts(self, record: Record) -> list[MountSpec]:
@@ -100,13 +91,22 @@ class Snapshotter:
 
     # ---- Commit / Remove ---------------------------------------------------------
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Info:
+        check_key(key)
+        check_key(name, "name")
+        check_labels(labels)
         record = self.meta.get(key)
         # Measured only for an active snapshot: the rest is refused below anyway.
         usage = self.driver.usage(record.layer) if record.info.kind == Kind.ACTIVE else (0, 0)
-        return self.meta.commit(key, name, usage, labels).info
+        fault_point("snap.commit.measured")
+        committed = self.meta.commit(key, name, usage, labels).info
+        fault_point("snap.commit.recorded")
+        return committed
 
     def remove(self, key: str) -> None:
-        self._remove_layer(self.meta.remove(key).layer)
+        check_key(key)
+        layer = self.meta.remove(key).layer
+        fault_point("snap.remove.unrecorded")
+        self._remove_layer(layer)
 
     def _remove_layer(self, layer: str) -> None:
         """Delete a layer no row claims any more; a failure is left to Cleanup
@@ -118,22 +118,24 @@ class Snapshotter:
 
     # ---- Stat / Update / Usage / List ----------------------------------------------
     def stat(self, key: str) -> Info:
+        check_key(key)
         return self.meta.get(key).info
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Info:
+        check_key(name, "name")
         return self.meta.update(name, labels, paths).info
 
     def usage(self, key: str) -> tuple[int, int]:
         """Measured now for an active snapshot, as stored at Commit otherwise (a
         view's is zero, as containerd's)."""
+        check_key(key)
         record = self.meta.get(key)
         if record.info.kind == Kind.ACTIVE:
             return self.driver.usage(record.layer)
         return record.size, record.inodes
 
     def walk(self, filters: Sequence[str]) -> list[Info]:
-        matcher = parse_all(filters)
-        return [r.info for r in self.meta.walk() if matcher.match(_lookup(r.info))]
+        return select([r.info for r in self.meta.walk()], filters)
 
     # ---- Cleanup -----------------------------------------------------------------
     def cleanup(self) -> list[str]:

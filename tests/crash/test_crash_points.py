@@ -150,4 +150,6 @@ def test_cases_cover_every_mutating_fault_point() -> None:
     from plugin.faults import POINTS
 
     covered = {case[0] for case in CASES}
-    assert covered == {p for p in POINTS if p not in ("get", "put")}
+    # snap.* are the containerd snapshotter's, covered by tests/snapshotter/test_crash.py
+    assert covered == {p for p in POINTS if p not in ("get", "put")
+                       and not p.startswith("snap.")}

@@ -68,3 +68,14 @@ def work() -> Iterator[str]:
     for point in sorted(mounted, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    from tests.snapshotter.hostile import TALLY_KEY, summary_lines
+
+    counts = config.stash.get(TALLY_KEY, None)
+    if counts:
+        terminalreporter.section("strata snapshotter hostile-input summary")
+        for line in summary_lines(counts):
+            terminalreporter.write_line(line)

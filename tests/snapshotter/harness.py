@@ -35,6 +35,8 @@ class SnapshotterProcess:
         self.socket_path = socket_path
         self.log_path = os.path.join(os.path.dirname(socket_path), f"{backend}.log")
         self.process: subprocess.Popen[bytes] | None = None
+        #: Added to the environment of the next start (e.g. ``STRATA_FAULTS``).
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
         """Start and wait until the socket answers; RuntimeError with the log if
@@ -43,8 +45,8 @@ class SnapshotterProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "plugin", "snapshotter", "--socket", self.socket_path,
                  "--root", self.root, "--backend", self.backend, "--log-level", "info"],
-                stdout=log, stderr=log, cwd=os.path.dirname(os.path.dirname(
-                    os.path.dirname(os.path.abspath(__file__)))))
+                stdout=log, stderr=log, env={**os.environ, **self.extra_env},
+                cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -66,6 +68,18 @@ class SnapshotterProcess:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+    def crashed(self, timeout: float = 10.0) -> bool:
+        """Whether the process died of SIGKILL (a fault point's ``kill``) within
+        ``timeout``; it is reaped either way if it died."""
+        if self.process is None:
+            return False
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self.process = None
+        return code == -signal.SIGKILL
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
