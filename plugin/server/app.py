@@ -336,6 +336,8 @@ async def diff(request: web.BaseRequest) -> web.StreamResponse:
     whole = stream.whole()
     if whole is not None:  # a small layer, made in memory: no pipe to follow
         stream.close()
+        if (metrics := request[CONTEXT].metrics) is not None:
+            metrics.diff_bytes += len(whole)
         return web.Response(body=whole, headers={"Content-Type": "application/x-tar"})
     # The export worker's pipe is read here, on the loop, as it fills (a thread
     # hop per megabyte cost more than the read); the end, where the worker's

@@ -96,6 +96,11 @@ class WarmPool:
             theirs.close()
         return WarmWorker(ours, proc)
 
+    def idle_pids(self) -> list[int]:
+        """The idle workers' pids (what is alive between jobs, and no job's)."""
+        with self._lock:
+            return [worker.proc.pid for worker in self._idle]
+
     def give_back(self, worker: WarmWorker, reusable: bool) -> None:
         with self._lock:
             if reusable and len(self._idle) < MAX_IDLE:
