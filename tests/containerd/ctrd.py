@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from plugin.containerd_setup import add_proxy_plugin
 from tests.support.procs import (
     HarnessError,
     pid_alive,
@@ -58,8 +59,9 @@ def containerd_unavailable() -> str | None:
 
 def render_config(workdir: Path) -> str:
     """containerd 1.6 config (v2): its own root, state, sockets; CRI off (no CNI here);
-    a GC that runs after every deletion, so a removal reaches strata promptly."""
-    return f"""version = 2
+    a GC that runs after every deletion, so a removal reaches strata promptly.  The
+    proxy plugin table is the one ``strata install --containerd`` appends."""
+    base = f"""version = 2
 root = "{workdir}/root"
 state = "{workdir}/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
@@ -76,11 +78,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins."io.containerd.gc.v1.scheduler"]
   deletion_threshold = 1
   schedule_delay = "0ms"
-
-[proxy_plugins.{SNAPSHOTTER}]
-  type = "snapshot"
-  address = "{workdir}/s.sock"
 """
+    return add_proxy_plugin(base, SNAPSHOTTER, f"{workdir}/s.sock").text
 
 
 class Namespace:
