@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from plugin.containerd_setup import add_proxy_plugin
+from tests.support.mounts import mountinfo
 from tests.support.procs import (
     HarnessError,
     pid_alive,
@@ -99,6 +100,20 @@ class Namespace:
             raise HarnessError(f"mount namespace not set up: {err}")
         self.mnt = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
 
+    def drop_foreign_mounts(self, keep: list[str]) -> None:
+        """Lazily unmount, in the namespace only, the copies it took of other tests' mounts
+        under /tmp and of every fuse mount (all but ``keep`` and what is above them).  A
+        copy would keep their filesystems alive after they unmount them (a fuse daemon
+        would not exit, a loop device not detach) until this namespace ends."""
+        def ours(point: str) -> bool:
+            return any(point == k or k.startswith(point.rstrip("/") + "/")
+                       or point.startswith(k.rstrip("/") + "/") for k in keep)
+        foreign = [m.mountpoint for m in mountinfo(f"/proc/{self.proc.pid}/mountinfo")
+                   if (m.mountpoint.startswith("/tmp/") or m.fstype.startswith("fuse"))
+                   and not ours(m.mountpoint)]
+        for point in sorted(set(foreign), key=lambda p: p.count("/"), reverse=True):
+            subprocess.run(self.enter("umount", "-l", point), capture_output=True, check=False)
+
     def enter(self, *argv: str) -> list[str]:
         return ["nsenter", "-t", str(self.proc.pid), "-m", "--", *argv]
 
@@ -144,6 +159,7 @@ class PrivateContainerd:
     # ---- processes -------------------------------------------------------------------
     def start(self) -> None:
         self.ns = Namespace(self.workdir)
+        self.ns.drop_foreign_mounts([str(self.workdir), self.strata_root])
         self.start_strata()
         self.start_containerd()
 
