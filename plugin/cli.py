@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "install":
             cmd.add_argument("--start", action="store_true",
                              help="also start serving (systemd if it is init, else detached)")
+        _add_containerd_options(cmd, verb)
 
     fsck = sub.add_parser("fsck", help="list orphaned layers, leaked mounts and debris")
     config.add_options(fsck, config.FSCK)
@@ -89,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="report whether this host can run strata")
     check.add_argument("--home", default="/var/lib/docker", help="the data root to probe")
     return parser
+
+
+def _add_containerd_options(cmd: argparse.ArgumentParser, verb: str) -> None:
+    """``--containerd``: the snapshotter unit and containerd's [proxy_plugins] table
+    (plugin/containerd_setup.py) instead of the graphdriver's spec and units."""
+    from plugin.containerd_setup import DEFAULT_CONFIG
+
+    group = cmd.add_argument_group("containerd (with --containerd)")
+    group.add_argument("--containerd", action="store_true",
+                       help=f"{verb} strata as containerd's proxy snapshotter (the unit "
+                            "NAME-snapshotter.service and [proxy_plugins.NAME]) instead of "
+                            "the graphdriver plugin")
+    group.add_argument("--containerd-config", default=DEFAULT_CONFIG, metavar="PATH",
+                       help=f"containerd's config file (default {DEFAULT_CONFIG})")
+    if verb != "install":
+        return
+    for key in ("snapshotter_socket", "snapshotter_root", "snapshotter_backend"):
+        option = config.BY_KEY[key]
+        group.add_argument("--" + key.replace("_", "-"), default=option.default,
+                           choices=option.choices or None,
+                           help=f"{option.help} (default {option.default})")
+    group.add_argument("--force", action="store_true",
+                       help="replace a different [proxy_plugins.NAME] already in the config")
 
 
 def _socket_group(args: argparse.Namespace) -> int | None:
@@ -237,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         return fsck(args)
     from plugin import install
 
+    if args.command in ("install", "uninstall") and args.containerd:
+        from plugin import containerd_setup
+
+        return (containerd_setup.install if args.command == "install"
+                else containerd_setup.uninstall)(args)
     if args.command == "install":
         return install.install(args)
     if args.command == "uninstall":
