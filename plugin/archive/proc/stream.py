@@ -336,7 +336,9 @@ def _run_warm_apply(warm: WarmWorker, root: str, stream: BinaryIO,
     try:
         with tempfile.TemporaryFile() as stderr:
             tar_r, tar_w = os.pipe2(os.O_CLOEXEC)
-            with open(tar_w, "wb") as pipe:
+            # A worker killed mid-job closes the tar's pipe: its missing reply, not
+            # the broken pipe, is what the job's error then says.
+            with contextlib.suppress(BrokenPipeError), open(tar_w, "wb") as pipe:
                 try:
                     warm.send(spec, tar_r, stderr)
                 finally:
