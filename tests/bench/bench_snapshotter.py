@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from plugin.server.serve import socket_answers
 from tests.bench.benchlib import Workspace, log
 from tests.bench.ctrbench import IMAGE, PrivateContainerd, oci_image_tar
 from tests.snapshotter.harness import SnapshotterProcess
@@ -84,7 +84,7 @@ class GoServer:
             [str(gosnap), "serve", "--backend", backend, "--root", str(root),
              "--socket", socket_path], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
-        while not _answers(socket_path):
+        while not socket_answers(socket_path):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gosnap serve {backend} did not start")
             time.sleep(0.05)
@@ -98,15 +98,6 @@ class GoServer:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def bench_once(gosnap: Path, socket_path: str, n: int) -> dict[str, float]:

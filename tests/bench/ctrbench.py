@@ -20,11 +20,12 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import tarfile
 import time
 from pathlib import Path
+
+from plugin.server.serve import socket_answers
 
 IMAGE = "docker.io/library/strata-bench:latest"
 
@@ -52,7 +53,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
              "mkdir -p /run/containerd && mount -t tmpfs strata-bench /run/containerd && "
              f"exec containerd --config {config}"], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
-        while not _answers(self.address):
+        while not socket_answers(self.address):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"containerd did not start: see {base / 'containerd.log'}")
             time.sleep(0.1)
@@ -74,15 +75,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _layer(tree: Path | None) -> bytes:
