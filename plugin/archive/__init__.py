@@ -4,7 +4,8 @@
   ``ChangesDirs`` / ``ChangesSize``, docs/protocol.md §6.6).
 * ``export_tree`` / ``export_changes``: a layer tar of a tree or of its changes,
   produced by a child process and read through a ``TarStream`` (§6.3); a small
-  layer is made in memory by the calling thread instead (``MemoryTarStream``).
+  layer is made in memory by the calling thread instead (``MemoryTarStream``);
+  ``export_tree_if_small`` only ever does that (None for a larger tree).
 * ``apply_layer``: unpack a layer tar into a directory inside a chrooted child,
   applying whiteouts and opaque directories in aufs or overlay form (§6.2, §6.4).
 
@@ -37,6 +38,7 @@ from plugin.archive.proc.stream import (
     apply_layer,
     export_changes,
     export_tree,
+    export_tree_if_small,
 )
 
 __all__ = [
@@ -49,4 +51,5 @@ __all__ = [
     "changes_size",
     "export_changes",
     "export_tree",
+    "export_tree_if_small",
 ]

@@ -48,6 +48,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import msgspec
@@ -216,8 +217,65 @@ class OverlayDriver(RefCountedStore, Driver):
         merged = self.merged_dir(layer_dir)
         if os.path.ismount(merged):
             return  # mounted before a plugin restart lost the count
+        self._clear_volatile(layer_dir)  # a write view's, if a crash ended it
         self._mount(self._spec(layer_dir, read_only=False), merged)
         self._own_workdir(layer_dir)
+
+    @contextlib.contextmanager
+    def write_view(self, layer_id: str) -> Iterator[str | None]:
+        """A layer with lowers as a read-write overlay attached nowhere, mounted
+        ``volatile``: its unmount does not sync the whole upper filesystem (what a
+        read-write overlay's unmount does otherwise, and most of what a small
+        naive ApplyDiff costs).  The layer's lock is held until the block ends,
+        so no Get mounts it meanwhile.  A ``volatile`` mount leaves
+        ``work/work/incompat/volatile`` behind, which makes any later mount of the
+        layer fail: it is removed when the view ends, and before every mount
+        (a crash may leave it; strata writes nothing durably through a view that
+        its other paths would have synced: the applied files are never fsynced).
+        None while the layer is mounted, for a base layer (Get mounts nothing)
+        and on hosts without the new mount API."""
+        layer_dir = self.store.require(layer_id)
+        if not self.lower_links(layer_dir) or not self._detached_views():
+            yield None
+            return
+        lock = self.refs.lock(layer_id)
+        lock.acquire()
+        held = True
+        try:
+            if self.refs.count(layer_id) > 0:
+                lock.release()
+                held = False
+                yield None
+                return
+            self._clear_volatile(layer_dir)
+            spec = self._spec(layer_dir, read_only=False)
+            fd = mountapi.fs_mount_detached(
+                spec.type, spec.source, [*mountapi.overlay_fsconfig(spec.options),
+                                         ("volatile", None)],
+                what=f"a write view of {layer_id}")
+            try:
+                self._own_workdir(layer_dir)
+                # The path the archive worker (another process) opens it by.
+                yield f"/proc/{os.getpid()}/fd/{fd}"
+            finally:
+                os.close(fd)
+                self._clear_volatile(layer_dir)
+        finally:
+            if held:
+                lock.release()
+
+    def _detached_views(self) -> bool:
+        return self.spec_type == "overlay" and self.support.new_mount_api
+
+    @staticmethod
+    def _clear_volatile(layer_dir: str) -> None:
+        incompat = os.path.join(layer_dir, "work", "work", "incompat")
+        volatile = os.path.join(incompat, "volatile")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(volatile, "dirty"))
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(volatile)
+            os.rmdir(incompat)
 
     def _own_workdir(self, layer_dir: str) -> None:
         """Give ``work/work``, which the mount made root's, to the remapped root: an
@@ -234,6 +292,32 @@ class OverlayDriver(RefCountedStore, Driver):
 
     def deactivate(self, layer_id: str, layer_dir: str) -> None:
         self._unmount(layer_dir)
+
+    @contextlib.contextmanager
+    def read_view(self, layer_id: str) -> Iterator[str | None]:
+        """A base layer's diff dir; a layer with lowers as a read-only overlay of
+        diff + lowers made with the new mount API and attached nowhere (its fd is
+        the only handle; closing it or a crash unmounts it).  Mounting and
+        unmounting a read-write overlay costs far more: the mount sets up the
+        work dir and the unmount syncs the upper filesystem.  None while the
+        layer is mounted (Get's mount is then the way to read it: the kernel warns
+        about a dir that is the upper of one overlay and a lower of another) and
+        on hosts without the new API."""
+        layer_dir = self.store.require(layer_id)
+        if not self.lower_links(layer_dir):
+            yield self.diff_dir(layer_dir)
+            return
+        if not self._detached_views() or self.refs.count(layer_id) > 0:
+            yield None
+            return
+        spec = self._spec(layer_dir, read_only=True)
+        fd = mountapi.fs_mount_detached(spec.type, spec.source,
+                                        mountapi.overlay_fsconfig(spec.options),
+                                        read_only=True, what=f"a read view of {layer_id}")
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
 
     def content_dir(self, layer_id: str) -> str:
         return self.diff_dir(self.store.require(layer_id))

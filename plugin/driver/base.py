@@ -219,6 +219,22 @@ class ProtoDriver(ABC):
     def reconcile(self) -> None:  # noqa: B027 - an optional hook
         """Clear what a crash left behind; called once the driver is built."""
 
+    def read_view(self, layer_id: str) -> AbstractContextManager[str | None]:
+        """The layer's whole tree as a path valid inside the block, for strata's own
+        short reads (a naive Diff made in memory), or None when the backend has
+        nothing cheaper than Get/Put (the caller then uses those).  Nothing is
+        written through it and no reference is counted: a view must not stay
+        mounted after the block, nor be seen by anyone else.  ``NotFound`` for an
+        unknown id."""
+        return nullcontext(None)
+
+    def write_view(self, layer_id: str) -> AbstractContextManager[str | None]:
+        """Like ``read_view``, for strata's own writes (a naive ApplyDiff): the
+        layer's whole tree writable inside the block, no Get counted, nothing
+        left mounted after it; or None (the caller uses Get/Put).  Get of the
+        layer waits until the block ends."""
+        return nullcontext(None)
+
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         """Mark ``layer_id`` incomplete while a diff is applied to it, so that a
         crash mid-apply leaves a layer start-up removes rather than a half one."""

@@ -39,6 +39,7 @@ SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
 FSOPEN_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
 FSMOUNT_CLOEXEC = 0x1
+MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 MNT_DETACH = 0x2
@@ -84,6 +85,23 @@ def _kernel_messages(fs_fd: int) -> str:
 
 def fs_mount(fstype: str, source: str, target: str, options: Sequence[Option]) -> None:
     """Mount ``fstype`` on ``target`` through fsopen/fsconfig/fsmount/move_mount."""
+    mnt_fd = fs_mount_detached(fstype, source, options, what=target)
+    try:
+        ret = _syscall(SYS_MOVE_MOUNT, ctypes.c_int(mnt_fd), b"", ctypes.c_int(AT_FDCWD),
+                       os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+        if ret < 0:
+            raise MountError(-ret, f"move_mount onto {target}")
+    finally:
+        os.close(mnt_fd)
+
+
+def fs_mount_detached(fstype: str, source: str, options: Sequence[Option], *,
+                      read_only: bool = False, what: str = "a detached mount") -> int:
+    """A new ``fstype`` mount attached nowhere: the returned fd is its only handle.
+
+    ``/proc/self/fd/<fd>`` reaches its root.  Closing the fd unmounts it, and so
+    does the death of the process: a crash leaves no mount behind, and no other
+    process sees it in a mount table."""
     fs_fd = _syscall(SYS_FSOPEN, fstype.encode(), ctypes.c_uint(FSOPEN_CLOEXEC))
     if fs_fd < 0:
         raise MountError(-fs_fd, f"fsopen({fstype})")
@@ -94,21 +112,15 @@ def fs_mount(fstype: str, source: str, target: str, options: Sequence[Option]) -
         ret = _syscall(SYS_FSCONFIG, ctypes.c_int(fs_fd), ctypes.c_uint(FSCONFIG_CMD_CREATE),
                        None, None, ctypes.c_int(0))
         if ret < 0:
-            raise MountError(-ret, f"creating the {fstype} mount for {target}",
+            raise MountError(-ret, f"creating the {fstype} mount for {what}",
                              _kernel_messages(fs_fd))
         mnt_fd = _syscall(SYS_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
-                          ctypes.c_uint(0))
+                          ctypes.c_uint(MOUNT_ATTR_RDONLY if read_only else 0))
         if mnt_fd < 0:
-            raise MountError(-mnt_fd, f"fsmount for {target}", _kernel_messages(fs_fd))
+            raise MountError(-mnt_fd, f"fsmount for {what}", _kernel_messages(fs_fd))
+        return mnt_fd
     finally:
         os.close(fs_fd)
-    try:
-        ret = _syscall(SYS_MOVE_MOUNT, ctypes.c_int(mnt_fd), b"", ctypes.c_int(AT_FDCWD),
-                       os.fsencode(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
-        if ret < 0:
-            raise MountError(-ret, f"move_mount onto {target}")
-    finally:
-        os.close(mnt_fd)
 
 
 def _fsconfig(fs_fd: int, key: str, value: str | None) -> None:

@@ -19,6 +19,7 @@ from plugin.archive import (
     changes_size,
     export_changes,
     export_tree,
+    export_tree_if_small,
 )
 from plugin.driver.base import (
     Capabilities,
@@ -125,6 +126,12 @@ class NaiveDiffDriver(Driver):
     def applying(self, layer_id: str) -> AbstractContextManager[None]:
         return self.proto.applying(layer_id)
 
+    def read_view(self, layer_id: str) -> AbstractContextManager[str | None]:
+        return self.proto.read_view(layer_id)
+
+    def write_view(self, layer_id: str) -> AbstractContextManager[str | None]:
+        return self.proto.write_view(layer_id)
+
     def reconcile(self) -> None:
         self.proto.reconcile()
 
@@ -138,6 +145,12 @@ class NaiveDiffDriver(Driver):
             return self._diff(layer_id, parent)
 
     def _diff(self, layer_id: str, parent: str) -> TarStream:
+        if not parent:
+            # A small tree read through a view costs no Get's mount and unmount.
+            with self.proto.read_view(layer_id) as view:
+                small = None if view is None else export_tree_if_small(view, self.idmap)
+            if small is not None:
+                return small
         held: list[tuple[ProtoDriver, str]] = []
         try:
             root = self.proto.get(layer_id, "")
@@ -182,6 +195,10 @@ class NaiveDiffDriver(Driver):
             return self._apply_diff(layer_id, parent, stream)
 
     def _apply_diff(self, layer_id: str, parent: str, stream: BinaryIO) -> int:
+        with self.proto.write_view(layer_id) as view:
+            if view is not None:
+                with self.proto.applying(layer_id):
+                    return apply_layer(view, stream, ApplyOptions(idmap=self.idmap))
         root = self.proto.get(layer_id, "")
         try:
             with self.proto.applying(layer_id):

@@ -231,3 +231,103 @@ def test_native_diff_can_be_switched_off(home: str) -> None:
         assert_no_mounts_under(home)
     finally:
         driver.cleanup()
+
+
+def _tar_of(members: dict[str, bytes], deleted: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name in deleted:
+            head, _, tail = name.rpartition("/")
+            tar.addfile(tarfile.TarInfo(f"{head + '/' if head else ''}.wh.{tail}"))
+    return buf.getvalue()
+
+
+def _names(data: bytes) -> dict[str, bytes | None]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (f.read() if (f := tar.extractfile(m)) else None) for m in tar}
+
+
+def _two_layers(driver: OverlayDriver) -> None:
+    driver.create("base", "", CreateOpts())
+    driver.apply_diff("base", "", io.BytesIO(_tar_of({"a": b"A", "gone": b"G"})))
+    driver.create("child", "base", CreateOpts())
+    driver.apply_diff("child", "base", io.BytesIO(_tar_of({"b": b"B"}, deleted=("gone",))))
+
+
+def test_a_read_view_is_read_only_and_leaves_no_mount(driver: OverlayDriver,
+                                                      home: str) -> None:
+    """What a naive Diff of a small layer reads instead of Get: the merged tree of
+    the layer, mounted nowhere, read-only; none while dockerd has the layer mounted."""
+    _two_layers(driver)
+    with driver.read_view("child") as view:
+        assert view is not None
+        assert sorted(os.listdir(view)) == ["a", "b"]
+        with pytest.raises(OSError) as err:
+            open(os.path.join(view, "new"), "w").close()
+        assert err.value.errno == 30  # EROFS
+        assert_no_mounts_under(home)  # attached nowhere: no mount table shows it
+    root = driver.get("child", "")
+    with driver.read_view("child") as view:
+        assert view is None  # mounted: Get's mount is the way to read it
+    driver.put("child")
+    assert not os.path.ismount(root)
+
+
+def test_a_naive_diff_through_the_view_equals_the_full_tree(driver: OverlayDriver,
+                                                           home: str) -> None:
+    _two_layers(driver)
+    with driver.diff("child", "") as stream:
+        through_view = _names(stream.read())
+    assert through_view == {"a": b"A", "b": b"B"}
+    driver.get("child", "")  # the same Diff while mounted goes through Get
+    try:
+        with driver.diff("child", "") as stream:
+            assert _names(stream.read()) == through_view
+    finally:
+        driver.put("child")
+    assert_no_mounts_under(home)
+
+
+def test_a_naive_apply_through_a_write_view_leaves_a_mountable_layer(
+        driver: OverlayDriver, home: str) -> None:
+    """A naive ApplyDiff (parent "" onto a layer with lowers) writes through a
+    volatile detached mount; the marker a volatile mount leaves must not stop the
+    next Get, nor one a crash left behind."""
+    _two_layers(driver)
+    driver.create("target", "base", CreateOpts())
+    size = driver.apply_diff("target", "", io.BytesIO(_tar_of({"c": b"C"}, deleted=("a",))))
+    assert size == 1
+    layer_dir = driver.store.layer_dir("target")
+    incompat = os.path.join(layer_dir, "work", "work", "incompat")
+    assert not os.path.exists(incompat)
+    assert_no_mounts_under(home)
+    assert driver.refs.count("target") == 0
+    # What a crash inside the view leaves: the next Get must still mount.
+    os.makedirs(os.path.join(incompat, "volatile"))
+    open(os.path.join(incompat, "volatile", "dirty"), "w").close()
+    root = driver.get("target", "")
+    try:
+        assert sorted(os.listdir(root)) == ["c", "gone"]
+        assert not driver.store.read_meta("target").applying
+    finally:
+        driver.put("target")
+    assert_no_mounts_under(home)
+
+
+def test_a_write_view_is_not_used_while_the_layer_is_mounted(driver: OverlayDriver,
+                                                            home: str) -> None:
+    _two_layers(driver)
+    root = driver.get("child", "")
+    try:
+        with driver.write_view("child") as view:
+            assert view is None
+        driver.apply_diff("child", "", io.BytesIO(_tar_of({"d": b"D"})))
+        assert sorted(os.listdir(root)) == ["a", "b", "d"]
+        assert os.path.ismount(root) and driver.refs.count("child") == 1
+    finally:
+        driver.put("child")
+    assert_no_mounts_under(home)

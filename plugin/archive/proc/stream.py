@@ -234,21 +234,33 @@ def _small_changes(root: str, changes: list[Change]) -> bool:
     return True
 
 
+def _export_spec(root: str, idmap: IDMappings, whiteout_format: str,
+                 changes: list[Change] | None) -> dict[str, Any]:
+    return {"root": root, "idmap": idmap.to_json(), "whiteout_format": whiteout_format,
+            "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes]}
+
+
+def _small_export(spec: dict[str, Any], changes: list[Change] | None) -> TarStream | None:
+    """The tar made in memory, in this thread, if the export is within the bounds."""
+    root = spec["root"]
+    if not (_small_tree(root) if changes is None else _small_changes(root, changes)):
+        return None
+    try:
+        return MemoryTarStream(export_to_memory(spec))
+    except (StrataError, OSError, ValueError, KeyError) as exc:
+        raise StrataError(f"exporting {root}: {exc}") from None
+
+
 def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
                   changes: list[Change] | None) -> TarStream:
     if whiteout_format not in _WHITEOUT_FORMATS:
         raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
     if not os.path.isdir(root):
         raise NotFound(f"export: {root} is not a directory")
-    spec: dict[str, Any] = {
-        "root": root, "idmap": idmap.to_json(), "whiteout_format": whiteout_format,
-        "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes],
-    }
-    if _small_tree(root) if changes is None else _small_changes(root, changes):
-        try:
-            return MemoryTarStream(export_to_memory(spec))
-        except (StrataError, OSError, ValueError, KeyError) as exc:
-            raise StrataError(f"exporting {root}: {exc}") from None
+    spec = _export_spec(root, idmap, whiteout_format, changes)
+    small = _small_export(spec, changes)
+    if small is not None:
+        return small
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the TarStream
     proc = _spawn(["export"], stderr)
     # With 64 KiB the server would move the tar in 64 KiB reads, one thread hop each.
@@ -265,6 +277,15 @@ def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
 def export_tree(root: str, idmap: IDMappings, *, whiteout_format: str = "aufs") -> TarStream:
     """The full tree of ``root`` as a layer tar (a Diff with no parent)."""
     return _start_export(root, idmap, whiteout_format, None)
+
+
+def export_tree_if_small(root: str, idmap: IDMappings, *,
+                         whiteout_format: str = "aufs") -> TarStream | None:
+    """``export_tree`` if the tree is small enough to be made in memory, else None
+    (nothing started): for a caller whose view of the tree only lasts this call."""
+    if whiteout_format not in _WHITEOUT_FORMATS:
+        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+    return _small_export(_export_spec(root, idmap, whiteout_format, None), None)
 
 
 def export_changes(root: str, changes: list[Change], idmap: IDMappings, *,
