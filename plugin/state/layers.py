@@ -149,8 +149,9 @@ class LayerStore:
         except FileNotFoundError:
             return LayerMeta()
 
-    def write_meta(self, layer_dir: str, meta: LayerMeta) -> None:
-        write_atomic(os.path.join(layer_dir, "meta.json"), msgspec.json.encode(meta))
+    def write_meta(self, layer_dir: str, meta: LayerMeta, *, durable: bool = True) -> None:
+        write_atomic(os.path.join(layer_dir, "meta.json"), msgspec.json.encode(meta),
+                     durable=durable)
 
     def _read_parent(self, layer_id: str) -> str:
         try:
