@@ -132,6 +132,8 @@ def median_seconds(reps: int, action: Callable[[], object],
         times.append(time.perf_counter() - started)
         if tally is not None:
             tally.add(since, times[-1])
+    if reps > 1:
+        log("every run (s): " + " ".join(f"{t:.3f}" for t in times))
     return statistics.median(times)
 
 
