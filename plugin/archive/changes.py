@@ -42,6 +42,7 @@ log = logging.getLogger("strata.archive")
 
 _CAP_XATTR = "security.capability"
 _NS = 1_000_000_000
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ChangeKind(enum.IntEnum):
@@ -69,12 +70,12 @@ def changes(new_root: str, old_root: str | None, *, link_partners: bool = False
     out: list[Change] = []
     try:
         links = _Links(frozenset())
-        _compare_dirs(new_root, old_root, "", out, links)
+        _compare_roots(new_root, old_root, out, links)
         if link_partners and links.listed & links.quiet:
             # Whether an entry shares an inode with a later one is known only at the
             # end; a second walk lists them in place, parent directories included.
             out = []
-            _compare_dirs(new_root, old_root, "", out, _Links(frozenset(links.listed)))
+            _compare_roots(new_root, old_root, out, _Links(frozenset(links.listed)))
     except RecursionError:
         raise StrataError(f"changes: directory tree under {new_root} is too deep") from None
     except OSError as exc:
@@ -105,12 +106,18 @@ def changes_size(new_root: str, changes: list[Change]) -> int:
     return size
 
 
-def _listdir(path: str | None) -> dict[str, int]:
-    """name -> d_ino of a directory's entries; empty for None."""
-    if path is None:
+def _entries(dir_fd: int | None) -> dict[str, os.DirEntry[str]]:
+    """name -> entry of an open directory's entries; empty for None.  The entries'
+    ``stat`` is an ``fstatat`` on the directory: the kernel looks up one name, not
+    a path walked from the root."""
+    if dir_fd is None:
         return {}
-    with os.scandir(path) as it:
-        return {entry.name: entry.inode() for entry in it}
+    with os.scandir(dir_fd) as it:
+        return {entry.name: entry for entry in it}
+
+
+def _open_dir(name: str, dir_fd: int | None = None) -> int:
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
 
 class _Links:
@@ -129,26 +136,49 @@ class _Links:
             (self.listed if listed else self.quiet).add((st.st_dev, st.st_ino))
 
 
+def _compare_roots(new_root: str, old_root: str | None, out: list[Change],
+                   links: _Links) -> None:
+    new_fd = _open_dir(new_root)
+    try:
+        old_fd = None if old_root is None else _open_dir(old_root)
+        try:
+            _compare_dirs(new_root, old_root, "", out, links, new_fd, old_fd)
+        finally:
+            if old_fd is not None:
+                os.close(old_fd)
+    finally:
+        os.close(new_fd)
+
+
 def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change],
-                  links: _Links) -> None:
-    """Append the changes below ``rel`` (``""`` for the root); ``new_dir`` is a directory."""
-    new_names = _listdir(new_dir)
-    old_names = _listdir(old_dir)
-    same_device = old_dir is not None and os.lstat(new_dir).st_dev == os.lstat(old_dir).st_dev
-    for name in sorted(new_names, key=os.fsencode):
+                  links: _Links, new_fd: int, old_fd: int | None) -> None:
+    """Append the changes below ``rel`` (``""`` for the root); ``new_dir`` is a
+    directory open as ``new_fd``, ``old_dir`` one open as ``old_fd`` (or None).
+    Entries are stat'ed relative to their open directory; the paths are only for
+    the xattr calls, which take no directory fd."""
+    new_entries = _entries(new_fd)
+    old_entries = _entries(old_fd)
+    same_device = old_fd is not None and os.fstat(new_fd).st_dev == os.fstat(old_fd).st_dev
+    for name in sorted(new_entries, key=os.fsencode):
         child_rel = f"{rel}/{name}"
         new_path = f"{new_dir}/{name}"  # not os.path.join: its checks, twice an entry, cost more
-        new_st = os.lstat(new_path)
-        if old_dir is None or name not in old_names:
+        entry = new_entries[name]
+        new_st = entry.stat(follow_symlinks=False)
+        old_entry = old_entries.get(name)
+        if old_dir is None or old_entry is None:
             out.append(Change(child_rel, ChangeKind.ADD))
             links.note(new_st, listed=True)
             if stat.S_ISDIR(new_st.st_mode):
-                _compare_dirs(new_path, None, child_rel, out, links)
+                sub = _open_dir(name, new_fd)
+                try:
+                    _compare_dirs(new_path, None, child_rel, out, links, sub, None)
+                finally:
+                    os.close(sub)
             continue
-        if same_device and new_names[name] == old_names[name]:
+        if same_device and entry.inode() == old_entry.inode():
             continue
         old_path = f"{old_dir}/{name}"
-        old_st = os.lstat(old_path)
+        old_st = old_entry.stat(follow_symlinks=False)
         listed = (_stat_different(old_st, new_st) or links.promoted(new_st)
                   or _capability(old_path) != _capability(new_path))
         links.note(new_st, listed)
@@ -156,11 +186,21 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
             out.append(Change(child_rel, ChangeKind.MODIFY))
         if stat.S_ISDIR(new_st.st_mode):
             start = len(out)
-            old_sub = old_path if stat.S_ISDIR(old_st.st_mode) else None
-            _compare_dirs(new_path, old_sub, child_rel, out, links)
+            sub = _open_dir(name, new_fd)
+            try:
+                if stat.S_ISDIR(old_st.st_mode):
+                    old_sub = _open_dir(name, old_fd)
+                    try:
+                        _compare_dirs(new_path, old_path, child_rel, out, links, sub, old_sub)
+                    finally:
+                        os.close(old_sub)
+                else:
+                    _compare_dirs(new_path, None, child_rel, out, links, sub, None)
+            finally:
+                os.close(sub)
             if len(out) > start and not listed:
                 out.insert(start, Change(child_rel, ChangeKind.MODIFY))
-    deleted = [name for name in old_names if name not in new_names]
+    deleted = [name for name in old_entries if name not in new_entries]
     for name in sorted(deleted, key=os.fsencode):
         out.append(Change(f"{rel}/{name}", ChangeKind.DELETE))
 
