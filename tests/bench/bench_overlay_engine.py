@@ -1,6 +1,6 @@
 """strata against dockerd's in-tree driver, end to end: overlay vs overlay2, vfs vs vfs.
 
-    python tests/bench/bench_overlay_engine.py [--backend overlay|vfs] [--reps 5]
+    python tests/bench/bench_overlay_engine.py [--backend overlay|vfs] [--reps 5] [--rounds 1]
                                                [--load-mib 200]
 
 Starts, in one run, a dockerd on strata (the overlay backend, or vfs, in a
@@ -19,7 +19,9 @@ pid), imports the same images into both, and times what users feel:
   imported base image (no registry)
 
 Each row prints the median seconds on both, the ratio strata/in-tree (< 1
-means strata is faster) and the plugin's peak RSS (its process and its archive
+means strata is faster; with ``--rounds N`` the row runs N times, alternating
+which engine goes first, and the medians of the rounds' medians are compared,
+every round's ratio beside them) and the plugin's peak RSS (its process and its archive
 workers, sampled every 0.1 s from another process) over one more, untimed
 pass of that row's commands.  Below the table, the driver calls of the median
 timed command are summed per operation beside its wall clock: on strata every call
@@ -208,16 +210,21 @@ Measure = Callable[[Engine, CallTally | None], float]
 
 
 def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Path,
-               context: Path, small: Path,
-               small_only: bool) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
+               context: Path, small: Path, small_only: bool,
+               rounds: int = 1) -> tuple[list[list[str]], list[tuple[str, CallTally]]]:
     rows = []
     tallies: list[tuple[str, CallTally]] = []
     plan = {"reps": reps}  # what the measures below repeat; 1 in the RSS pass
 
     def row(name: str, measure: Measure) -> None:
-        results = {}
+        results: dict[str, list[float]] = {label: [] for label in engines}
         peak = "-"
-        for label, engine in engines.items():
+        labels = list(engines)
+        # Rounds alternate which engine goes first, so both share the machine's drift.
+        passes = [label for r in range(rounds)
+                  for label in (labels if r % 2 == 0 else labels[::-1])]
+        for n, label in enumerate(passes):
+            engine = engines[label]
             log(f"{name} on {label}")
             if isinstance(engine, harness.Stack) and engine.plugin is not None:
                 tally = CallTally(engine.plugin.log_path, in_plugin=True)
@@ -227,10 +234,11 @@ def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Pat
             # Neither engine pays for the other's (or the set-up's) dirty pages: an
             # overlay unmount syncs the backing filesystem, a Put can take 0.5 s.
             os.sync()
-            results[label] = measure(engine, tally)
-            tallies.append((f"{name} on {label}", tally))
+            results[label].append(measure(engine, tally))
+            if n < len(labels):
+                tallies.append((f"{name} on {label}", tally))
             plugin = engine.plugin if isinstance(engine, harness.Stack) else None
-            if plugin is not None and plugin.proc is not None:
+            if plugin is not None and plugin.proc is not None and peak == "-":
                 # The peak RSS comes from one more, untimed pass: the sampler walks
                 # /proc every 0.1 s, CPU that the timed commands must not share.
                 plan["reps"] = 1
@@ -239,9 +247,11 @@ def bench_pair(engines: dict[str, Engine], intree: str, reps: int, load_tar: Pat
                     measure(engine, None)
                 plan["reps"] = reps
                 peak = f"{max(sampler.peak.total_mib, sampler.peak.main_hwm_mib):.0f}"
-        ratio = results["strata"] / results[intree] if results[intree] else float("nan")
-        rows.append([name, f"{results['strata']:.3f}", f"{results[intree]:.3f}",
-                     f"{ratio:.2f}", peak])
+        ours, theirs = (statistics.median(results[k]) for k in ("strata", intree))
+        ratio = ours / theirs if theirs else float("nan")
+        each = " ".join(f"{a / b:.2f}" for a, b in zip(results["strata"], results[intree],
+                                                       strict=True))
+        rows.append([name, f"{ours:.3f}", f"{theirs:.3f}", f"{ratio:.2f}", peak, each])
 
     def commit_small(engine: Engine, tally: CallTally | None) -> float:
         """Issue 14: ``docker commit`` of a container that wrote three small files."""
@@ -358,6 +368,8 @@ def main() -> int:
                         help="strata's backend; the in-tree driver is overlay2 or vfs")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--load-mib", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of every row, alternating which engine goes first")
     parser.add_argument("--small-only", action="store_true",
                         help="only issue 14's rows: a 3-file commit and a 30-step build")
     args = parser.parse_args()
@@ -387,7 +399,7 @@ def main() -> int:
         rows, tallies = bench_pair(engines, intree, args.reps, load_tar,
                                    build_context(workdir / "build-context"),
                                    build_context(workdir / "small-build", SMALL_BUILD_STEPS),
-                                   args.small_only)
+                                   args.small_only, args.rounds)
     finally:
         for engine in engines.values():
             engine.close()
@@ -398,9 +410,10 @@ def main() -> int:
     print(f"strata {args.backend} status: {status.strip()}")
     print("load average at the end (1 5 15 min): "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print(f"median of {args.reps} runs (load, save: {max(2, args.reps // 2)}); "
-          f"ratio = strata / {intree}, < 1 means strata is faster")
-    head = ["", "strata s", f"{intree} s", "ratio", "plugin peak RSS MiB"]
+    print(f"median of {args.reps} runs (load, save: {max(2, args.reps // 2)}) per round, "
+          f"median of {args.rounds} round(s); ratio = strata / {intree}, < 1 means strata "
+          "is faster")
+    head = ["", "strata s", f"{intree} s", "ratio", "plugin peak RSS MiB", "every round's ratio"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
