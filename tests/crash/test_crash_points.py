@@ -17,6 +17,7 @@ from plugin.driver import registry
 from tests.backends import home_for
 from tests.support.client import DockerLikeClient, PluginError
 from tests.support.files import layer_tar
+from tests.support.mounts import assert_no_mounts_under
 from tests.support.plugin import Plugin, init_body, unique_name
 from tests.support.workdir import new_workdir, remove_workdir
 
@@ -105,10 +106,11 @@ async def crash_during(r: Rig, point: str, call: str) -> None:
     with pytest.raises(Exception):  # noqa: B017 - the connection dies with the process
         if call == "create":
             await client.create("child", "base")
-        elif call == "apply":
+        elif call in ("apply", "apply-naive"):
             await client.create("child", "base")
             big = layer_tar({f"f{i}": os.urandom(64 << 10) for i in range(64)})
-            await client.apply_diff("child", "base", big)
+            # Parent "" on a child is a naive apply (overlay: through a write view).
+            await client.apply_diff("child", "base" if call == "apply" else "", big)
         elif call == "remove":
             await client.remove("base")
     assert r.plugin.crashed(), f"the plugin did not die at {point}"
@@ -123,6 +125,8 @@ CASES = [
     ("create.renamed", "create", ["base", "child"]),
     ("apply.midstream", "apply", ["base"]),
     ("apply.done", "apply", ["base"]),
+    ("apply.midstream", "apply-naive", ["base"]),
+    ("apply.done", "apply-naive", ["base"]),
     ("remove.renamed", "remove", []),
 ]
 
@@ -132,6 +136,7 @@ async def test_kill_at_named_point(rig: Rig, point: str, call: str, expected: li
     await crash_during(rig, point, call)
     assert rig.layers() == expected
     assert rig.debris() == []
+    assert_no_mounts_under(str(rig.home))  # nothing mounted survives the process
     client = rig.client
     assert client is not None
     for layer in ("base", "child"):
