@@ -6,7 +6,9 @@ Each phase is timed alone, in this process, on graphtest's DiffBase tree (three
 files) and its tar, median of ``--n`` runs; the last rows are the whole calls
 through a plugin's socket with dockerd's request shape.  Reading down the
 table: what a forked worker costs (the zygote's fork, pipes, the child's exit
-and its report) against a warm worker and an export made in memory.  Nothing
+and its report) against a warm worker and an export made in memory; what
+reaching a child layer's tree costs a naive Diff or ApplyDiff on overlay
+(Get's mount and Put's unmount against the detached views).  Nothing
 is asserted; the exit status is 0.
 """
 
@@ -26,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from plugin.archive import ApplyOptions, apply_layer, export_tree
 from plugin.archive.proc import stream as archive_stream
+from plugin.driver.base import CreateOpts
+from plugin.driver.manager import DriverManager
 from plugin.idtools import IDMappings
 from tests.bench.bench_protocol import add_files
 from tests.bench.benchlib import PluginServer, Workspace, new_layer_id, print_table
@@ -59,6 +63,41 @@ class _NoWarm:
         return None
 
 
+def _mount_rows(ws: Workspace, n: int) -> list[list[str]]:
+    """What a naive Diff or ApplyDiff of a small child layer pays to reach its
+    tree on overlay: Get's read-write mount and Put's unmount, against the
+    detached views (``OverlayDriver.read_view`` / ``write_view``)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return []
+    manager = DriverManager(str(ws.base / "profile-state"), "overlay")
+    manager.init(str(ws.fs / "profile-home"), [], [], [])
+    driver = manager.driver
+    try:
+        driver.create("pbase", "", CreateOpts())
+        add_files(Path(driver.get("pbase", "")), 3)
+        driver.put("pbase")
+        driver.create("pchild", "pbase", CreateOpts())
+
+        def get_put() -> None:
+            os.listdir(driver.get("pchild", ""))
+            driver.put("pchild")
+
+        def view(kind: str) -> Callable[[], None]:
+            def run() -> None:
+                with getattr(driver, kind)("pchild") as path:
+                    os.listdir(path)
+            return run
+        rows = [["overlay child: Get + Put (read-write mount; the unmount syncs the fs)",
+                 f"{median_ms(n, get_put):.3f}"],
+                ["overlay child: read view (detached read-only overlay)",
+                 f"{median_ms(n, view('read_view')):.3f}"],
+                ["overlay child: write view (detached read-write overlay, volatile)",
+                 f"{median_ms(n, view('write_view')):.3f}"]]
+    finally:
+        driver.cleanup()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -90,6 +129,7 @@ def main() -> int:
         ]
         for name, fn in phases:
             rows.append([name, f"{median_ms(args.n, fn):.3f}"])
+        rows.extend(_mount_rows(ws, args.n))
         server = PluginServer(ws, backend="overlay")
         try:
             client = server.start()
