@@ -169,11 +169,7 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
             out.append(Change(child_rel, ChangeKind.ADD))
             links.note(new_st, listed=True)
             if stat.S_ISDIR(new_st.st_mode):
-                sub = _open_dir(name, new_fd)
-                try:
-                    _compare_dirs(new_path, None, child_rel, out, links, sub, None)
-                finally:
-                    os.close(sub)
+                _descend(name, new_fd, None, new_path, None, child_rel, out, links)
             continue
         if same_device and entry.inode() == old_entry.inode():
             continue
@@ -186,23 +182,30 @@ def _compare_dirs(new_dir: str, old_dir: str | None, rel: str, out: list[Change]
             out.append(Change(child_rel, ChangeKind.MODIFY))
         if stat.S_ISDIR(new_st.st_mode):
             start = len(out)
-            sub = _open_dir(name, new_fd)
-            try:
-                if stat.S_ISDIR(old_st.st_mode):
-                    old_sub = _open_dir(name, old_fd)
-                    try:
-                        _compare_dirs(new_path, old_path, child_rel, out, links, sub, old_sub)
-                    finally:
-                        os.close(old_sub)
-                else:
-                    _compare_dirs(new_path, None, child_rel, out, links, sub, None)
-            finally:
-                os.close(sub)
+            old_dir_fd = old_fd if stat.S_ISDIR(old_st.st_mode) else None
+            _descend(name, new_fd, old_dir_fd, new_path, old_path, child_rel, out, links)
             if len(out) > start and not listed:
                 out.insert(start, Change(child_rel, ChangeKind.MODIFY))
     deleted = [name for name in old_entries if name not in new_entries]
     for name in sorted(deleted, key=os.fsencode):
         out.append(Change(f"{rel}/{name}", ChangeKind.DELETE))
+
+
+def _descend(name: str, new_fd: int, old_fd: int | None, new_path: str, old_path: str | None,
+             rel: str, out: list[Change], links: _Links) -> None:
+    """Compare the subdirectory ``name`` of the open ``new_fd`` with the one of
+    ``old_fd`` (None: with nothing)."""
+    sub = _open_dir(name, new_fd)
+    try:
+        old_sub = None if old_fd is None else _open_dir(name, old_fd)
+        try:
+            _compare_dirs(new_path, old_path if old_sub is not None else None, rel, out, links,
+                          sub, old_sub)
+        finally:
+            if old_sub is not None:
+                os.close(old_sub)
+    finally:
+        os.close(sub)
 
 
 def _stat_different(old: os.stat_result, new: os.stat_result) -> bool:
