@@ -58,14 +58,16 @@ def containerd_unavailable() -> str | None:
     return None
 
 
-def render_config(workdir: Path) -> str:
-    """containerd 1.6 config (v2): its own root, state, sockets; CRI off (no CNI here);
-    a GC that runs after every deletion, so a removal reaches strata promptly.  The
-    proxy plugin table is the one ``strata install --containerd`` appends."""
+def render_config(workdir: Path, sandbox_image: str | None = None) -> str:
+    """containerd 1.6 config (v2): its own root, state, sockets; a GC that runs after
+    every deletion, so a removal reaches strata promptly.  The proxy plugin table is the
+    one ``strata install --containerd`` appends.  CRI is off unless ``sandbox_image`` is
+    given (there is no CNI plugin here, so pods must use the host's network)."""
+    cri_off = 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
     base = f"""version = 2
 root = "{workdir}/root"
 state = "{workdir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{cri_off if sandbox_image is None else ""}
 
 [grpc]
   address = "{workdir}/c.sock"
@@ -80,7 +82,33 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   deletion_threshold = 1
   schedule_delay = "0ms"
 """
+    if sandbox_image is not None:
+        base += render_cri(workdir, sandbox_image)
     return add_proxy_plugin(base, SNAPSHOTTER, f"{workdir}/s.sock").text
+
+
+def render_cri(workdir: Path, sandbox_image: str) -> str:
+    """The CRI plugin's table (README's Kubernetes row: ``snapshotter = "strata"``).  The
+    sandbox image is one imported beforehand (no registry here); CNI looks in empty
+    directories of the work dir, so a pod in its own network namespace would fail, one in
+    the node's needs none; the streaming server takes a free port on loopback.  A sandbox's
+    oom_score_adj is held to containerd's own: CRI asks -998 for it, and some kernels
+    (this project's VM among them) refuse a negative value, which fails runc's init.
+    AppArmor is off: with it on (Debian 12's default) CRI loads its own profile through
+    ``apparmor_parser``, which is the host's security set-up, not storage."""
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{SNAPSHOTTER}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{workdir}/cni/bin"
+    conf_dir = "{workdir}/cni/conf"
+"""
 
 
 class Namespace:
@@ -143,7 +171,10 @@ class Namespace:
 class PrivateContainerd:
     """containerd + strata snapshotter in a :class:`Namespace`, driven by ``ctr``."""
 
-    def __init__(self, workdir: Path, strata_root: str, backend: str) -> None:
+    def __init__(self, workdir: Path, strata_root: str, backend: str,
+                 sandbox_image: str | None = None) -> None:
+        """``sandbox_image``: enable containerd's CRI plugin (on the same socket) with
+        strata as its snapshotter and this image for pod sandboxes."""
         self.workdir = workdir
         self.strata_root = strata_root
         self.backend = backend
@@ -152,9 +183,9 @@ class PrivateContainerd:
         self.ns: Namespace | None = None
         self.containerd: subprocess.Popen[bytes] | None = None
         self.strata: subprocess.Popen[bytes] | None = None
-        for sub in ("root", "state", "tmp", "opt"):
-            (workdir / sub).mkdir(mode=0o711, exist_ok=True)
-        (workdir / "config.toml").write_text(render_config(workdir))
+        for sub in ("root", "state", "tmp", "opt", "cni/bin", "cni/conf"):
+            (workdir / sub).mkdir(mode=0o711, parents=True, exist_ok=True)
+        (workdir / "config.toml").write_text(render_config(workdir, sandbox_image))
 
     # ---- processes -------------------------------------------------------------------
     def start(self) -> None:
