@@ -17,7 +17,9 @@ Crash safety comes from the order of the two writes:
   ``metadata``), let the core build the layer (staged, renamed into place
   when complete), *then* insert the row.  A crash before the row leaves a
   layer no row claims.
-* Remove: delete the row, *then* the layer.  A crash in between leaves the same.
+* Remove: delete the row (an fsynced commit), *then* the layer, which is not
+  forced to disk: a crash in between, or a power loss that brings the layer
+  back, leaves the same.
 * Start-up and Cleanup delete layers no row claims (never one a call in
   flight is building).
 
@@ -138,9 +140,11 @@ class Snapshotter:
 
     def _remove_layer(self, layer: str) -> None:
         """Delete a layer no row claims any more; a failure is left to Cleanup
-        (containerd's overlay snapshotter likewise only logs a failed RemoveAll)."""
+        (containerd's overlay snapshotter likewise only logs a failed RemoveAll).
+        Not forced to disk (``durable=False``): no row claims the layer, durably,
+        and start-up deletes every layer no row claims."""
         try:
-            self.driver.remove(layer)
+            self.driver.remove(layer, durable=False)
         except StrataError as e:
             log.warning("layer %s: removal failed, left for Cleanup: %s", layer, e)
 
@@ -180,7 +184,7 @@ class Snapshotter:
             left = []
             for layer in orphans:
                 try:
-                    self.driver.remove(layer)
+                    self.driver.remove(layer, durable=False)
                     removed.append(layer)
                 except FailedPrecondition:
                     left.append(layer)
