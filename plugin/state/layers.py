@@ -37,7 +37,7 @@ import msgspec
 
 from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from plugin.faults import fault_point
-from plugin.state.files import fsync_dir, write_atomic, write_staged
+from plugin.state.files import fsync_dir, fsync_staged, write_atomic, write_staged
 
 log = logging.getLogger("strata.state")
 
@@ -201,9 +201,10 @@ class LayerStore:
     def staging(self, layer_id: str, meta: LayerMeta) -> Iterator[str]:
         """Yield a fresh staging dir; on success it becomes ``layers/<id>``.
 
-        The backend writes its files in with ``write_staged`` (fsynced, no temp
-        name): the dir is fsynced before the rename, so whatever the rename makes
-        visible is complete on disk.  Two fsyncs are left out on purpose:
+        The backend writes its files in with ``write_staged`` (no temp name);
+        every file directly in the dir, then the dir, is fsynced before the
+        rename (``fsync_staged``), so whatever the rename makes visible is
+        complete on disk.  Two fsyncs are left out on purpose:
 
         * ``meta.json`` is not written when ``meta`` is the default (a layer with no
           parent): ``read_meta`` reads a missing file as the default.
@@ -224,7 +225,7 @@ class LayerStore:
             if meta != _DEFAULT_META:
                 write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
-            fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
+            fsync_staged(stage)
             fault_point("create.staged")
             try:
                 os.rename(stage, final)
