@@ -4,9 +4,10 @@ Each RPC decodes its request, runs the matching :class:`Snapshotter` call in
 the worker pool (it blocks on sqlite and the filesystem; the event loop never
 does), and encodes the answer.  Stat, and Mounts of a snapshot whose mounts
 were answered before, are answered on the loop from memory instead
-(``Snapshotter.stat``, ``mounts_nowait``): they are most of containerd's
-calls, and the hop to a worker thread and back (two wake-ups) would cost
-more than the rest of such a call.  Typed errors become gRPC statuses here and
+(``Snapshotter.stat``, ``mounts_nowait``; tests/snapshotter/test_event_loop.py
+runs them under blockbuster): containerd Stats every layer of an image it
+unpacks or runs, and the hop to a worker thread and back (two wake-ups) would
+cost more than the rest of such a call.  Typed errors become gRPC statuses here and
 only here, as containerd's ``errdefs.ToGRPC`` maps them, so that
 ``errdefs.FromGRPC`` on the containerd side gives back the same error kind.
 One log line per call: the op, the key, the time taken and the outcome; at
