@@ -128,6 +128,32 @@ class MetaStore:
                 record = _record(row)
                 self._rows[record.info.name] = record
                 self._next_id = max(self._next_id, record.id + 1)
+        self._preallocate_wal()
+
+    def _preallocate_wal(self) -> None:
+        """Give the WAL its full size now, written, and rewind it.
+
+        sqlite appends each commit's pages to the WAL; past
+        ``wal_autocheckpoint`` pages it copies them into the database and the
+        next commit writes from the WAL's start again, the file keeping its
+        size.  Until the WAL has grown that far (the first few hundred commits
+        after every start: closing deletes it), each commit's fdatasync extends
+        the file, which on ext4 also commits the filesystem's journal, several
+        times the cost of an fdatasync that overwrites.  One commit of a blob
+        past the threshold, its drop and a RESTART checkpoint (about 4 MiB
+        written once, at start-up) leave the WAL full size and rewound; the
+        database keeps the blob's pages as free pages for later rows.  A crash
+        in between leaves the table, which the next start drops."""
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        threshold = int(self._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        with self._transaction() as db:
+            db.execute("DROP TABLE IF EXISTS wal_fill")
+            db.execute("CREATE TABLE wal_fill (b BLOB)")
+            db.execute("INSERT INTO wal_fill VALUES (zeroblob(?))",
+                       ((threshold + threshold // 10) * page,))
+        with self._transaction() as db:
+            db.execute("DROP TABLE wal_fill")
+        self._db.execute("PRAGMA wal_checkpoint(RESTART)")
 
     @contextmanager
     def _transaction(self, changes: Mapping[str, Record | None] | None = None
