@@ -184,7 +184,7 @@ class RefCountedStore:
         if os.path.isdir(layer_dir):
             self.deactivate(layer_id, layer_dir)
 
-    def remove(self, layer_id: str) -> None:
+    def remove(self, layer_id: str, *, durable: bool = True) -> None:
         with self.refs.lock(layer_id):
             self.forget_get(layer_id)
             layer_dir = self.store.layer_dir(layer_id)
@@ -195,7 +195,8 @@ class RefCountedStore:
                 # and a busy mount must never make Remove fail (detached lazily).
                 self.deactivate(layer_id, layer_dir)
                 self.store.remove(layer_id,
-                                  before_delete=lambda doomed: self.delete_layer(layer_id, doomed))
+                                  before_delete=lambda doomed: self.delete_layer(layer_id, doomed),
+                                  durable=durable)
         self.refs.forget(layer_id)
 
     def close(self) -> None:

@@ -123,12 +123,17 @@ class ProtoDriver(ABC):
         self.create(layer_id, parent, opts)
 
     @abstractmethod
-    def remove(self, layer_id: str) -> None:
+    def remove(self, layer_id: str, *, durable: bool = True) -> None:
         """Delete the layer, unmounting it first whatever its Get count (a
         container process may still hold files: the unmount is lazy).  An
         unknown id succeeds.  Raises ``FailedPrecondition`` while the layer has
         children, and leaves it untouched then.  A crash mid-way leaves the
-        layer either whole or gone (never half), and start-up collects the rest."""
+        layer either whole or gone (never half), and start-up collects the rest.
+
+        ``durable=False`` is for a caller that keeps its own durable record that
+        the layer is gone, and deletes at start-up every layer no record claims
+        (the snapshotter): the layer's leaving is then not forced to the disk
+        before the call returns (``LayerStore.remove``)."""
 
     @abstractmethod
     def get(self, layer_id: str, mount_label: str) -> str:

@@ -75,8 +75,8 @@ class NaiveDiffDriver(Driver):
     def create_read_write(self, layer_id: str, parent: str, opts: CreateOpts) -> None:
         self.proto.create_read_write(layer_id, parent, opts)
 
-    def remove(self, layer_id: str) -> None:
-        self.proto.remove(layer_id)
+    def remove(self, layer_id: str, *, durable: bool = True) -> None:
+        self.proto.remove(layer_id, durable=durable)
 
     def get(self, layer_id: str, mount_label: str) -> str:
         return self.proto.get(layer_id, mount_label)

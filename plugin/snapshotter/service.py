@@ -2,10 +2,17 @@
 
 Each RPC decodes its request, runs the matching :class:`Snapshotter` call in
 the worker pool (it blocks on sqlite and the filesystem; the event loop never
-does), and encodes the answer.  Typed errors become gRPC statuses here and
+does), and encodes the answer.  Stat, and Mounts of a snapshot whose mounts
+were answered before, are answered on the loop from memory instead
+(``Snapshotter.stat``, ``mounts_nowait``; tests/snapshotter/test_event_loop.py
+runs them under blockbuster): containerd Stats every layer of an image it
+unpacks or runs, and the hop to a worker thread and back (two wake-ups) would
+cost more than the rest of such a call.  Typed errors become gRPC statuses here and
 only here, as containerd's ``errdefs.ToGRPC`` maps them, so that
 ``errdefs.FromGRPC`` on the containerd side gives back the same error kind.
-One log line per call: the op, the key, the time taken and the outcome.
+One log line per call: the op, the key, the time taken and the outcome; at
+info for a call that went to the pool or failed, at debug for one answered
+from memory (as the graphdriver server logs).
 Model: containerd ``contrib/snapshotservice/service.go``.
 """
 
@@ -129,6 +136,25 @@ async def _recv_exactly(raw: H2Stream, size: int) -> bytes:
         raise GRPCError(Status.INVALID_ARGUMENT, "truncated gRPC message") from None
 
 
+def _logged(level: int, op: str, key: str, start: float, outcome: str) -> None:
+    if log.isEnabledFor(level):
+        log.log(level, "%s %s %.1fms %s", op, brief(repr(key)),
+                (time.perf_counter() - start) * 1000, outcome)
+
+
+def _failed(op: str, key: str, start: float, error: Exception) -> GRPCError:
+    """The gRPC error a call's failure becomes (logged): a typed error its
+    status, anything else UNKNOWN with its traceback in the log."""
+    if isinstance(error, errors.StrataError):
+        status = grpc_status(error)
+        _logged(logging.INFO, op, key, start, f"{status.name}: {brief(str(error))}")
+        return GRPCError(status, brief(str(error)))
+    shown = brief(repr(key))
+    log.error("%s %s failed", op, shown, exc_info=error)
+    _logged(logging.INFO, op, key, start, f"UNKNOWN: {brief(repr(error))}")
+    return GRPCError(Status.UNKNOWN, brief(f"{op} {shown}: {error}"))
+
+
 class SnapshotsService(SnapshotsBase):
     def __init__(self, snapshotter: Snapshotter, executor: Executor) -> None:
         self.snapshotter = snapshotter
@@ -137,21 +163,26 @@ class SnapshotsService(SnapshotsBase):
     async def _run(self, op: str, key: str, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the pool; a typed error becomes its gRPC status."""
         start = time.perf_counter()
-        outcome = "ok"
-        shown = brief(repr(key))
         try:
-            return await asyncio.get_running_loop().run_in_executor(
+            result = await asyncio.get_running_loop().run_in_executor(
                 self.executor, functools.partial(fn, *args))
-        except errors.StrataError as e:
-            status = grpc_status(e)
-            outcome = f"{status.name}: {brief(str(e))}"
-            raise GRPCError(status, brief(str(e))) from e
         except Exception as e:
-            outcome = f"UNKNOWN: {brief(repr(e))}"
-            log.exception("%s %s failed", op, shown)
-            raise GRPCError(Status.UNKNOWN, brief(f"{op} {shown}: {e}")) from e
-        finally:
-            log.info("%s %s %.1fms %s", op, shown, (time.perf_counter() - start) * 1000, outcome)
+            raise _failed(op, key, start, e) from e
+        _logged(logging.INFO, op, key, start, "ok")
+        return result
+
+    @staticmethod
+    def _now(op: str, key: str, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the loop (it answers from memory, or None: then the
+        caller goes to the pool and logs there); errors as in ``_run``."""
+        start = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception as e:
+            raise _failed(op, key, start, e) from e
+        if result is not None:
+            _logged(logging.DEBUG, op, key, start, "ok")
+        return result
 
     @staticmethod
     async def _request(stream: Stream[Request, Response]) -> Request:
@@ -177,7 +208,9 @@ class SnapshotsService(SnapshotsBase):
     async def Mounts(self, stream: Stream[snapshots_pb2.MountsRequest,
                                           snapshots_pb2.MountsResponse]) -> None:
         r = await self._request(stream)
-        specs = await self._run("Mounts", r.key, self.snapshotter.mounts, r.key)
+        specs = self._now("Mounts", r.key, self.snapshotter.mounts_nowait, r.key)
+        if specs is None:
+            specs = await self._run("Mounts", r.key, self.snapshotter.mounts, r.key)
         await stream.send_message(snapshots_pb2.MountsResponse(mounts=to_mounts(specs)))
 
     async def Commit(self, stream: Stream[snapshots_pb2.CommitSnapshotRequest,
@@ -195,7 +228,7 @@ class SnapshotsService(SnapshotsBase):
     async def Stat(self, stream: Stream[snapshots_pb2.StatSnapshotRequest,
                                         snapshots_pb2.StatSnapshotResponse]) -> None:
         r = await self._request(stream)
-        info = await self._run("Stat", r.key, self.snapshotter.stat, r.key)
+        info = self._now("Stat", r.key, self.snapshotter.stat, r.key)
         await stream.send_message(snapshots_pb2.StatSnapshotResponse(info=to_info(info)))
 
     async def Update(self, stream: Stream[snapshots_pb2.UpdateSnapshotRequest,

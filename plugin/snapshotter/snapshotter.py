@@ -13,14 +13,21 @@ committed snapshot, Commit of a view and Remove of a parent are
 
 Crash safety comes from the order of the two writes:
 
-* Prepare/View: reserve an id, let the core build the layer (staged, renamed
-  into place when complete), *then* insert the row.  A crash before the row
-  leaves a layer no row claims.
-* Remove: delete the row, *then* the layer.  A crash in between leaves the same.
+* Prepare/View: check the key and parent, take a fresh id (both from memory,
+  ``metadata``), let the core build the layer (staged, renamed into place
+  when complete), *then* insert the row.  A crash before the row leaves a
+  layer no row claims.
+* Remove: delete the row (an fsynced commit), *then* the layer, which is not
+  forced to disk: a crash in between, or a power loss that brings the layer
+  back, leaves the same.
 * Start-up and Cleanup delete layers no row claims (never one a call in
   flight is building).
 
-So a listed snapshot always has its whole layer.  Every method blocks (sqlite,
+So a listed snapshot always has its whole layer.  Two answers come from
+memory alone and may be given on the event loop: ``stat`` (the records'
+copy in memory) and ``mounts_nowait`` (what Prepare, View or an earlier
+Mounts answered for the same layer: a layer's mounts never change while its
+row lives, and ids are never reused).  Every other method blocks (sqlite,
 the core's filesystem work): the gRPC service runs them in worker threads.
 This module knows keys but not gRPC.
 """
@@ -47,6 +54,12 @@ class Snapshotter:
         self.meta = meta
         self._building: set[str] = set()  # layers created whose row is not in yet
         self._building_lock = threading.Lock()
+        #: layer id -> the mounts answered for it (see the module doc).
+        self._specs: dict[str, list[MountSpec]] = {}
+        # No new layer may take the id of one present now (a crash's leftover that
+        # Cleanup could not delete would make its Prepare fail).
+        self.meta.skip_past(max((int(i) for i in driver.layer_ids() if i.isdigit()),
+                                default=0))
 
     # ---- Prepare / View / Mounts -------------------------------------------------
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
@@ -60,7 +73,8 @@ class Snapshotter:
         check_key(key)
         check_key(parent, "parent")
         check_labels(labels)
-        rid, parent_id = self.meta.reserve(key, parent)
+        parent_id = self.meta.check_create(key, parent)
+        rid = self.meta.new_id()
         layer = str(rid)
         with self._building_lock:
             self._building.add(layer)
@@ -82,12 +96,26 @@ class Snapshotter:
         check_key(key)
         return self._mounts(self.meta.get(key))
 
-    def _mounts(self, record: Record) -> list[MountSpec]:
+    def mounts_nowait(self, key: str) -> list[MountSpec] | None:
+        """``mounts`` answered from memory, or None when only ``mounts`` can say
+        (typed errors as ``mounts``)."""
+        check_key(key)
+        record = self.meta.get(key)
+        self._check_mountable(record)
+        return self._specs.get(record.layer)
+
+    @staticmethod
+    def _check_mountable(record: Record) -> None:
         if record.info.kind == Kind.COMMITTED:
             raise FailedPrecondition(
                 f"failed to get active mount: requested snapshot {record.info.name} "
                 "not active or view")
-        return self.driver.mounts(record.layer, read_only=record.info.kind == Kind.VIEW)
+
+    def _mounts(self, record: Record) -> list[MountSpec]:
+        self._check_mountable(record)
+        specs = self.driver.mounts(record.layer, read_only=record.info.kind == Kind.VIEW)
+        self._specs[record.layer] = specs
+        return specs
 
     # ---- Commit / Remove ---------------------------------------------------------
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> Info:
@@ -99,25 +127,30 @@ class Snapshotter:
         usage = self.driver.usage(record.layer) if record.info.kind == Kind.ACTIVE else (0, 0)
         fault_point("snap.commit.measured")
         committed = self.meta.commit(key, name, usage, labels).info
+        self._specs.pop(record.layer, None)  # a committed snapshot has no mounts
         fault_point("snap.commit.recorded")
         return committed
 
     def remove(self, key: str) -> None:
         check_key(key)
         layer = self.meta.remove(key).layer
+        self._specs.pop(layer, None)
         fault_point("snap.remove.unrecorded")
         self._remove_layer(layer)
 
     def _remove_layer(self, layer: str) -> None:
         """Delete a layer no row claims any more; a failure is left to Cleanup
-        (containerd's overlay snapshotter likewise only logs a failed RemoveAll)."""
+        (containerd's overlay snapshotter likewise only logs a failed RemoveAll).
+        Not forced to disk (``durable=False``): no row claims the layer, durably,
+        and start-up deletes every layer no row claims."""
         try:
-            self.driver.remove(layer)
+            self.driver.remove(layer, durable=False)
         except StrataError as e:
             log.warning("layer %s: removal failed, left for Cleanup: %s", layer, e)
 
     # ---- Stat / Update / Usage / List ----------------------------------------------
     def stat(self, key: str) -> Info:
+        """From memory (see the module doc)."""
         check_key(key)
         return self.meta.get(key).info
 
@@ -151,7 +184,7 @@ class Snapshotter:
             left = []
             for layer in orphans:
                 try:
-                    self.driver.remove(layer)
+                    self.driver.remove(layer, durable=False)
                     removed.append(layer)
                 except FailedPrecondition:
                     left.append(layer)

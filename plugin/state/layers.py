@@ -37,7 +37,7 @@ import msgspec
 
 from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from plugin.faults import fault_point
-from plugin.state.files import fsync_dir, write_atomic, write_staged
+from plugin.state.files import fsync_dir, fsync_staged, write_atomic, write_staged
 
 log = logging.getLogger("strata.state")
 
@@ -202,9 +202,10 @@ class LayerStore:
     def staging(self, layer_id: str, meta: LayerMeta) -> Iterator[str]:
         """Yield a fresh staging dir; on success it becomes ``layers/<id>``.
 
-        The backend writes its files in with ``write_staged`` (fsynced, no temp
-        name): the dir is fsynced before the rename, so whatever the rename makes
-        visible is complete on disk.  Two fsyncs are left out on purpose:
+        The backend writes its files in with ``write_staged`` (no temp name);
+        every file directly in the dir, then the dir, is fsynced before the
+        rename (``fsync_staged``), so whatever the rename makes visible is
+        complete on disk.  Two fsyncs are left out on purpose:
 
         * ``meta.json`` is not written when ``meta`` is the default (a layer with no
           parent): ``read_meta`` reads a missing file as the default.
@@ -225,7 +226,7 @@ class LayerStore:
             if meta != _DEFAULT_META:
                 write_staged(os.path.join(stage, "meta.json"), msgspec.json.encode(meta))
             yield stage
-            fsync_dir(stage)  # every entry the backend made (files fsynced one by one)
+            fsync_staged(stage)
             fault_point("create.staged")
             try:
                 os.rename(stage, final)
@@ -242,12 +243,23 @@ class LayerStore:
             raise
 
     def remove(self, layer_id: str,
-               before_delete: Callable[[str], None] | None = None) -> bool:
+               before_delete: Callable[[str], None] | None = None, *,
+               durable: bool = True) -> bool:
         """Rename the layer out of sight, then delete it. False if it was not there.
 
         ``before_delete(doomed_dir)`` lets a backend release what a plain
         delete cannot (a btrfs subvolume, a zfs dataset) once the layer is out
-        of sight."""
+        of sight.
+
+        The rename is fsynced (``layers/``) before the delete starts, so a
+        Remove that returned stays done after a power loss.  ``durable=False``
+        leaves that fsync out, for a caller whose own record of the removal is
+        already on disk and whose start-up deletes every layer no record claims
+        (the snapshotter: its row goes first, in an fsynced sqlite commit).  A
+        power loss may then bring the layer back into ``layers/`` (or leave it
+        in ``trash/``, which ``reconcile`` empties), where that start-up deletes
+        it: garbage, never a visible half layer.  Against a crash of the
+        process alone the rename needs no fsync (the page cache survives)."""
         final = self.layer_dir(layer_id)
         doomed = os.path.join(self.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
         parent = self._read_parent(layer_id) if self.known(layer_id) else ""
@@ -259,7 +271,8 @@ class LayerStore:
         self._known.discard(layer_id)
         if parent:
             self._disown(layer_id, parent)
-        fsync_dir(self.layers_dir)
+        if durable:
+            fsync_dir(self.layers_dir)
         fault_point("remove.renamed")
         if before_delete is not None:
             before_delete(doomed)
