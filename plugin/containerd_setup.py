@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plugin.errors import ConfigError
+from plugin.install import hardening
 
 DEFAULT_CONFIG = "/etc/containerd/config.toml"
 MARKER = "# strata: containerd proxy snapshotter (strata install --containerd)"
@@ -66,6 +67,11 @@ Type=notify
 ExecStart={exec_start}
 Restart=on-failure
 
+# The same sandboxing as strata's graphdriver service: containerd mounts the
+# specs this service returns, and the mounts strata makes itself (a
+# fuse-overlayfs) must be in the host's mount namespace too, so no option that
+# gives the service a private one (see strata.service for the list).
+{hardening()}
 [Install]
 WantedBy=multi-user.target containerd.service
 """

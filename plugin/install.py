@@ -65,8 +65,6 @@ def render_units(name: str, serve_args: list[str], python: str = sys.executable,
     the config file is read by the service itself); ``inet`` allows TCP for a
     metrics address (otherwise only unix sockets)."""
     exec_start = shlex.join([python, "-m", "plugin", "serve", "--name", name, *serve_args])
-    families = "AF_UNIX AF_INET AF_INET6" if inet else "AF_UNIX"
-    network = "" if inet else "IPAddressDeny=any\n"
     return {
         f"{name}.socket": f"""[Unit]
 Description=strata graphdriver plugin socket ({name})
@@ -92,7 +90,20 @@ ExecStart={exec_start}
 KillMode=mixed
 Restart=on-failure
 
-{HARDENING_NOTE}NoNewPrivileges=yes
+{HARDENING_NOTE}{hardening(inet)}
+[Install]
+WantedBy=multi-user.target
+""",
+    }
+
+
+def hardening(inet: bool = False) -> str:
+    """The [Service] sandboxing lines both of strata's services carry (the graphdriver
+    plugin's and the containerd snapshotter's; HARDENING_NOTE says what is left
+    out and why); ``inet`` allows TCP (a metrics address), else only unix sockets."""
+    families = "AF_UNIX AF_INET AF_INET6" if inet else "AF_UNIX"
+    network = "" if inet else "IPAddressDeny=any\n"
+    return f"""NoNewPrivileges=yes
 CapabilityBoundingSet={" ".join(CAPABILITIES)}
 RestrictAddressFamilies={families}
 {network}RestrictNamespaces=yes
@@ -100,11 +111,7 @@ SystemCallArchitectures=native
 SystemCallFilter=~@clock @cpu-emulation @debug @module @obsolete @raw-io @reboot @swap
 LockPersonality=yes
 RestrictRealtime=yes
-
-[Install]
-WantedBy=multi-user.target
-""",
-    }
+"""
 
 
 def serve_args(args: argparse.Namespace) -> list[str]:

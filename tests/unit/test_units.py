@@ -103,3 +103,25 @@ def test_installed_units_with_a_metrics_address_allow_inet(tmp_path: Path) -> No
     score, verdict = exposure(unit_dir / "strata-u.service")
     readme = (REPO / "README.md").read_text()
     assert f"with a metrics address (inet allowed) | {score} {verdict}" in readme
+
+
+@needs_analyze
+def test_installed_snapshotter_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    """``install --containerd`` writes the snapshotter's unit with the same sandboxing."""
+    unit_dir = tmp_path / "units"
+    config_path = tmp_path / "config.toml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "plugin", "install", "--containerd", "--name", "strata-u",
+         "--containerd-config", str(config_path), "--unit-dir", str(unit_dir),
+         "--snapshotter-socket", str(tmp_path / "snap.sock"),
+         "--snapshotter-root", str(tmp_path / "root")],
+        capture_output=True, text=True, cwd=REPO, env=env, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    unit = unit_dir / "strata-u-snapshotter.service"
+    verify(unit_dir)
+    text = unit.read_text()
+    assert "RestrictAddressFamilies=AF_UNIX\n" in text and "IPAddressDeny=any\n" in text
+    score, verdict = exposure(unit)
+    readme = (REPO / "README.md").read_text()
+    assert f"from `strata install --containerd` (the same lines) | {score} {verdict}" in readme
