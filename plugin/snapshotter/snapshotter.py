@@ -113,7 +113,13 @@ class Snapshotter:
 
     def _mounts(self, record: Record) -> list[MountSpec]:
         self._check_mountable(record)
-        specs = self.driver.mounts(record.layer, read_only=record.info.kind == Kind.VIEW)
+        if record.info.kind == Kind.VIEW and record.info.parent:
+            # As containerd's overlayfs: a view is its parent's tree read-only (its own
+            # layer stays empty and is not mounted), so a view of 128 layers mounts
+            # 128 lowers, not 129.  The parent outlives the view (Remove refuses it).
+            specs = self.driver.mounts(self.meta.get(record.info.parent).layer, read_only=True)
+        else:
+            specs = self.driver.mounts(record.layer, read_only=record.info.kind == Kind.VIEW)
         self._specs[record.layer] = specs
         return specs
 
