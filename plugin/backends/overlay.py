@@ -228,10 +228,11 @@ class OverlayDriver(RefCountedStore, Driver):
         read-write overlay's unmount does otherwise, and most of what a small
         naive ApplyDiff costs).  The layer's lock is held until the block ends,
         so no Get mounts it meanwhile.  A ``volatile`` mount leaves
-        ``work/work/incompat/volatile`` behind, which makes any later mount of the
-        layer fail: it is removed when the view ends, and before every mount
-        (a crash may leave it; strata writes nothing durably through a view that
-        its other paths would have synced: the applied files are never fsynced).
+        ``work/work/incompat/volatile/dirty`` behind, which makes any later mount
+        of the layer fail: it is removed when the view ends, and before every
+        mount (a crash may leave it).  Skipping the sync loses no promise: no path
+        of strata fsyncs applied files (the native ApplyDiff writes into the upper
+        dir with no mount at all); the unmount's sync was overlayfs's side effect.
         None while the layer is mounted, for a base layer (Get mounts nothing)
         and on hosts without the new mount API."""
         layer_dir = self.store.require(layer_id)
