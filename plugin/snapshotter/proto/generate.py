@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from importlib import resources
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -62,13 +63,16 @@ def write_stripped(containerd_src: str, out_dir: str) -> None:
             f.write(text)
 
 
-def compile_protos(proto_dir: str, out_dir: str) -> None:
-    """Compile ``proto_dir``'s two files into ``out_dir`` (a tree is laid out
-    under a temporary include root so that imports read ``plugin.snapshotter.proto``)."""
+def compile_protos(proto_dir: str, out_dir: str, *, proto_path: str = PROTO_PATH,
+                   sources: Collection[str] = SOURCES,
+                   generated: Collection[str] = GENERATED) -> None:
+    """Compile ``proto_dir``'s ``sources`` into ``out_dir`` (a tree is laid out under
+    a temporary include root so that imports read ``proto_path`` as a package:
+    ``plugin.snapshotter.proto`` by default; the tests' CRI stubs use it too)."""
     with tempfile.TemporaryDirectory(prefix="strata-protoc-") as root:
-        staged = os.path.join(root, PROTO_PATH)
+        staged = os.path.join(root, proto_path)
         os.makedirs(staged)
-        for name in SOURCES:
+        for name in sources:
             shutil.copyfile(os.path.join(proto_dir, name), os.path.join(staged, name))
         well_known = str(resources.files("grpc_tools") / "_proto")
         env = dict(os.environ)
@@ -77,9 +81,9 @@ def compile_protos(proto_dir: str, out_dir: str) -> None:
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{well_known}",
              f"--python_out={root}", f"--pyi_out={root}", f"--grpclib_python_out={root}",
-             *(f"{PROTO_PATH}/{name}" for name in SOURCES)],
+             *(f"{proto_path}/{name}" for name in sources)],
             check=True, env=env, cwd=root)
-        for name in GENERATED:
+        for name in generated:
             shutil.copyfile(os.path.join(staged, name), os.path.join(out_dir, name))
 
 

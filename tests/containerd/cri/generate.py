@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-from importlib import resources
+
+from plugin.snapshotter.proto.generate import compile_protos
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 #: The proto's directory as an import path: what protoc writes into the imports.
@@ -52,21 +51,8 @@ def upstream_proto(git_dir: str, tag: str) -> str:
 def compile_proto(proto_dir: str, out_dir: str) -> None:
     """Compile ``proto_dir/api.proto`` into ``out_dir``, laid out under a temporary
     include root so that the generated imports read ``tests.containerd.cri``."""
-    with tempfile.TemporaryDirectory(prefix="strata-protoc-") as root:
-        staged = os.path.join(root, PROTO_PATH)
-        os.makedirs(staged)
-        shutil.copyfile(os.path.join(proto_dir, PROTO), os.path.join(staged, PROTO))
-        well_known = str(resources.files("grpc_tools") / "_proto")
-        env = dict(os.environ)
-        # protoc finds protoc-gen-grpclib_python on PATH: grpclib installs it beside python.
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{well_known}",
-             f"--python_out={root}", f"--pyi_out={root}", f"--grpclib_python_out={root}",
-             f"{PROTO_PATH}/{PROTO}"],
-            check=True, env=env, cwd=root)
-        for name in GENERATED:
-            shutil.copyfile(os.path.join(staged, name), os.path.join(out_dir, name))
+    compile_protos(proto_dir, out_dir, proto_path=PROTO_PATH, sources=[PROTO],
+                   generated=GENERATED)
 
 
 def main(argv: list[str] | None = None) -> int:
