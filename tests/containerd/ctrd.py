@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from plugin.containerd_setup import add_proxy_plugin
 from tests.support.mounts import mountinfo
 from tests.support.procs import (
@@ -197,6 +199,15 @@ class PrivateContainerd:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
         return {**env, "TMPDIR": str(self.workdir / "tmp")}
+
+    def start_or_skip(self) -> None:
+        """``start``, or skip the test when strata's backend cannot run on this host."""
+        try:
+            self.start()
+        except HarnessError as e:
+            if "NotSupported" in str(e) or "Prerequisites" in str(e):
+                pytest.skip(f"backend {self.backend} unavailable here: {e}")
+            raise
 
     def start_strata(self) -> None:
         assert self.ns is not None

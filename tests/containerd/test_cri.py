@@ -30,7 +30,7 @@ from tests.containerd.cri.api_grpc import ImageServiceStub, RuntimeServiceStub
 from tests.containerd.ctrd import PrivateContainerd, containerd_unavailable
 from tests.containerd.images import BUSYBOX, PAUSE, CriImageSet, build_cri_images
 from tests.support.mounts import Mount, mountinfo, mounts_under
-from tests.support.procs import HarnessError, pid_alive, terminate_pid, wait_for
+from tests.support.procs import pid_alive, terminate_pid, wait_for
 from tests.support.workdir import new_workdir, remove_workdir
 
 BACKEND = "overlay"
@@ -135,12 +135,7 @@ def ring() -> Iterator[CriRing]:
     client: CriClient | None = None
     pids: list[int] = []
     try:
-        try:
-            ctrd.start()
-        except HarnessError as e:
-            if "NotSupported" in str(e) or "Prerequisites" in str(e):
-                pytest.skip(f"backend {BACKEND} unavailable here: {e}")
-            raise
+        ctrd.start_or_skip()
         images = build_cri_images(workdir)
         client = CriClient(ctrd.socket)
         yield CriRing(ctrd, images, client, cgroup_parent)

@@ -32,7 +32,7 @@ from tests.backends import btrfs_fs  # noqa: F401 (fixture)
 from tests.containerd.ctrd import PrivateContainerd, containerd_unavailable
 from tests.containerd.images import HELLO, OPAQUE_NEW, ImageSet, build_images
 from tests.support.mounts import mounts_under
-from tests.support.procs import HarnessError, wait_for
+from tests.support.procs import wait_for
 from tests.support.workdir import new_workdir, remove_workdir
 
 #: The mount type containerd is handed per backend (plugin/backends/*.mounts).
@@ -78,12 +78,7 @@ def ring(request: pytest.FixtureRequest, images: ImageSet) -> Iterator[Ring]:
             if backend == "btrfs" else str(workdir / "sroot"))
     ctrd = PrivateContainerd(workdir, root, backend)
     try:
-        try:
-            ctrd.start()
-        except HarnessError as e:
-            if "NotSupported" in str(e) or "Prerequisites" in str(e):
-                pytest.skip(f"backend {backend} unavailable here: {e}")
-            raise
+        ctrd.start_or_skip()
         ctrd.ctr("images", "import", "--snapshotter", "strata", str(images.tar))
         ctrd.ctr("images", "import", "--snapshotter", "overlayfs", str(images.tar))
         yield Ring(ctrd, images, backend)
