@@ -236,6 +236,9 @@ def _small_changes(root: str, changes: list[Change]) -> bool:
 
 def _export_spec(root: str, idmap: IDMappings, whiteout_format: str,
                  changes: list[Change] | None) -> dict[str, Any]:
+    """An export job's arguments; ``InvalidArgument`` for an unknown whiteout format."""
+    if whiteout_format not in _WHITEOUT_FORMATS:
+        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
     return {"root": root, "idmap": idmap.to_json(), "whiteout_format": whiteout_format,
             "changes": None if changes is None else [[c.path, int(c.kind)] for c in changes]}
 
@@ -253,11 +256,9 @@ def _small_export(spec: dict[str, Any], changes: list[Change] | None) -> TarStre
 
 def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
                   changes: list[Change] | None) -> TarStream:
-    if whiteout_format not in _WHITEOUT_FORMATS:
-        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
+    spec = _export_spec(root, idmap, whiteout_format, changes)
     if not os.path.isdir(root):
         raise NotFound(f"export: {root} is not a directory")
-    spec = _export_spec(root, idmap, whiteout_format, changes)
     small = _small_export(spec, changes)
     if small is not None:
         return small
@@ -283,8 +284,6 @@ def export_tree_if_small(root: str, idmap: IDMappings, *,
                          whiteout_format: str = "aufs") -> TarStream | None:
     """``export_tree`` if the tree is small enough to be made in memory, else None
     (nothing started): for a caller whose view of the tree only lasts this call."""
-    if whiteout_format not in _WHITEOUT_FORMATS:
-        raise InvalidArgument(f"unknown whiteout format {whiteout_format!r}")
     return _small_export(_export_spec(root, idmap, whiteout_format, None), None)
 
 
