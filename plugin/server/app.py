@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +36,7 @@ from plugin.idtools import IDMap
 from plugin.printable import printable
 from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader, fd_ready
+from plugin.server.pool import FsPool
 from plugin.state.layers import validate_id
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
@@ -49,7 +49,7 @@ log = logging.getLogger("strata.server")
 class Context:
     """What every handler may use: the driver, the worker pool, the call deadline."""
     manager: DriverManager
-    executor: ThreadPoolExecutor
+    executor: FsPool
     #: Seconds a backend call may take before the caller gets an Err (0 = none).
     deadline: float
     #: The per-call counters, None when metrics are off.
@@ -153,35 +153,18 @@ async def run(request: web.BaseRequest, fn: Callable[..., Any], *args: Any,
     mount would hang the daemon.  Past the deadline the caller gets an Err;
     the worker thread cannot be cancelled and finishes (or stays stuck) on its
     own, holding the per-layer lock, so later calls on that layer time out too.
-    (A timer and a callback rather than ``wait_for(shield(...))``, which costs
-    two extra tasks per call.)
     """
-    loop = asyncio.get_running_loop()
     context = request[CONTEXT]
     request[POOLED] = True
-    work = loop.run_in_executor(context.executor, fn, *args)
-    limit = context.deadline
-    if not deadline or limit <= 0:
-        return await work
-    woken = loop.create_future()
+    limit = context.deadline if deadline else 0
 
-    def wake(_: object = None) -> None:
-        if not woken.done():
-            woken.set_result(None)
-
-    timer = loop.call_later(limit, wake)
-    work.add_done_callback(wake)
-    try:
-        await woken
-    finally:
-        timer.cancel()
-        work.remove_done_callback(wake)
-    if not work.done():
+    def expired() -> StrataError:
         subject = request.get(LAYER_ID)
-        raise DeadlineExceeded(
+        return DeadlineExceeded(
             f"{subject + ': ' if subject else ''}the backend did not answer "
             f"within {limit:g}s (still running; see the plugin log)")
-    return work.result()
+
+    return await context.executor.start(fn, *args, timeout=limit, expired=expired)
 
 
 async def read_body(request: web.BaseRequest) -> bytes:
@@ -441,7 +424,7 @@ class PluginHandler:
                  deadline: float = 600.0, metrics: CallMetrics | None = None) -> None:
         # Diff and ApplyDiff each hold a worker for as long as they stream, so
         # the pool is sized for several concurrent commits, not for the 2 cores.
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="strata-fs")
+        pool = FsPool(workers, "strata-fs")
         self.context = Context(manager, pool, deadline, metrics)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -451,6 +434,13 @@ class PluginHandler:
 
     def close(self) -> None:
         self.context.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, timeout: float) -> None:
+        """After ``close``: let running filesystem calls finish, at most ``timeout`` s."""
+        stuck = await asyncio.to_thread(self.context.executor.join, timeout)
+        if stuck:
+            log.warning("%d call(s) still running after %gs at shutdown (%s); exiting anyway",
+                        len(stuck), timeout, ", ".join(stuck))
 
 
 def build_server(handler: PluginHandler) -> web.Server:

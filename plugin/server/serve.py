@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strata.server")
 
+#: Seconds a stop waits for running filesystem calls (systemd's default stop timeout: 90).
+SHUTDOWN_DRAIN = 30.0
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -157,6 +160,7 @@ async def serve(config: ServeConfig) -> None:
             await metrics_runner.cleanup()
         await runner.cleanup()
         handler.close()
+        await handler.drain(SHUTDOWN_DRAIN)
         manager.close()
         for path in (spec, owned_socket, config.metrics_socket):
             if path:
