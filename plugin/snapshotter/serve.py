@@ -6,8 +6,11 @@ Layout of a root::
     ROOT/<backend>/          the storage core's Home (layers named by record id)
 
 The backend is recorded at the first start and a later start with another one
-is refused (the records name layers of that backend).  Start-up deletes layers
-no record claims (``Snapshotter.cleanup``) before the socket opens.
+is refused (the records name layers of that backend).  Before the socket
+opens, start-up puts back a recorded layer whose rename a power cut lost
+(``promote_staged``, before the core deletes its staging dir), marks the
+records whose layer is gone all the same as broken (``Snapshotter``), and
+deletes layers no record claims (``Snapshotter.cleanup``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from plugin.snapshotter import BACKENDS
 from plugin.snapshotter.metadata import MetaStore
 from plugin.snapshotter.service import SnapshotsService
 from plugin.snapshotter.snapshotter import Snapshotter
+from plugin.state.layers import promote_staged
 from plugin.state.ownership import SNAPSHOTTER_DB, refuse_graphdriver_state
 
 log = logging.getLogger("strata.snapshotter")
@@ -61,14 +65,25 @@ def open_snapshotter(config: SnapshotterConfig) -> Snapshotter:
         if recorded != config.backend:
             raise InvalidArgument(f"snapshotter root {config.root} holds {recorded} layers; "
                                   f"it cannot be served with backend {config.backend}")
-        driver = registry.get_driver(config.backend, os.path.join(config.root, config.backend),
-                                     list(config.options), IDMappings())
+        home = os.path.join(config.root, config.backend)
+        promotion = promote_staged(home, recorded_layers(meta))
+        # A staged copy's id stays unused while it may come back (its delete
+        # below is not forced to disk), so no id ever has two staged copies.
+        meta.skip_past(promotion.highest_staged)
+        driver = registry.get_driver(config.backend, home, list(config.options), IDMappings())
     except BaseException:
         meta.close()
         raise
-    snapshotter = Snapshotter(driver, meta)
+    snapshotter = Snapshotter(driver, meta, promotion.missing)
     snapshotter.cleanup()
     return snapshotter
+
+
+def recorded_layers(meta: MetaStore) -> dict[str, str]:
+    """Each recorded layer id -> its parent's layer id ("" for none), as the
+    core recorded it at Create."""
+    return {r.layer: meta.get(r.info.parent).layer if r.info.parent else ""
+            for r in meta.walk()}
 
 
 async def serve_snapshotter(config: SnapshotterConfig) -> None:

@@ -23,7 +23,17 @@ Crash safety comes from the order of the two writes:
 * Start-up and Cleanup delete layers no row claims (never one a call in
   flight is building).
 
-So a listed snapshot always has its whole layer.  Two answers come from
+So a listed snapshot has its whole layer, but for one case a power cut can
+make: the row's commit (an fdatasync of sqlite's preallocated WAL) does not
+commit the filesystem's journal, where the layer's rename waits, so a row
+can reach the disk and its layer stay in the core's staging dir.  Start-up
+(serve.py) renames such a layer into place (``promote_staged``); a row whose
+layer is gone all the same is *broken*: it stays (containerd's own metadata
+names it by key, and only containerd's Remove should take it away), it is
+listed, Stat and Update work, Remove succeeds, but Mounts of it or of any
+snapshot on it, Prepare or View on it, and Commit or Usage of it fail with
+``FailedPrecondition`` naming the key and the missing path (containerd's
+overlayfs would hand out mounts of a missing dir).  Two answers come from
 memory alone and may be given on the event loop: ``stat`` (the records'
 copy in memory) and ``mounts_nowait`` (what Prepare, View or an earlier
 Mounts answered for the same layer: a layer's mounts never change while its
@@ -49,17 +59,32 @@ log = logging.getLogger("strata.snapshotter")
 
 
 class Snapshotter:
-    def __init__(self, driver: Driver, meta: MetaStore) -> None:
+    def __init__(self, driver: Driver, meta: MetaStore,
+                 missing: Mapping[str, str] | None = None) -> None:
+        """``missing``: layer id -> its path, for layers start-up found absent
+        (``promote_staged``); the rows that claim them are broken (module doc)."""
         self.driver = driver
         self.meta = meta
         self._building: set[str] = set()  # layers created whose row is not in yet
         self._building_lock = threading.Lock()
         #: layer id -> the mounts answered for it (see the module doc).
         self._specs: dict[str, list[MountSpec]] = {}
+        present = set(driver.layer_ids())
         # No new layer may take the id of one present now (a crash's leftover that
         # Cleanup could not delete would make its Prepare fail).
-        self.meta.skip_past(max((int(i) for i in driver.layer_ids() if i.isdigit()),
-                                default=0))
+        self.meta.skip_past(max((int(i) for i in present if i.isdigit()), default=0))
+        #: layer id -> its missing path, for each broken row (dropped by its Remove).
+        self._missing: dict[str, str] = {}
+        claimed = {str(i) for i in meta.ids()}
+        for layer, path in (missing or {}).items():
+            if layer in claimed and layer not in present:
+                self._missing[layer] = path
+        for record in meta.walk():
+            if record.layer in self._missing:
+                log.warning("snapshot %r (%s, layer %s) is broken: %s is missing; Mounts, "
+                            "and Prepare or View on it, fail until it is removed",
+                            record.info.name, record.info.kind.name.lower(), record.layer,
+                            self._missing[record.layer])
 
     # ---- Prepare / View / Mounts -------------------------------------------------
     def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[MountSpec]:
@@ -74,6 +99,8 @@ class Snapshotter:
         check_key(parent, "parent")
         check_labels(labels)
         parent_id = self.meta.check_create(key, parent)
+        if parent_id is not None:
+            self._check_intact(self.meta.get(parent), "parent")
         rid = self.meta.new_id()
         layer = str(rid)
         with self._building_lock:
@@ -104,12 +131,36 @@ class Snapshotter:
         self._check_mountable(record)
         return self._specs.get(record.layer)
 
-    @staticmethod
-    def _check_mountable(record: Record) -> None:
+    def _check_mountable(self, record: Record) -> None:
         if record.info.kind == Kind.COMMITTED:
             raise FailedPrecondition(
                 f"failed to get active mount: requested snapshot {record.info.name} "
                 "not active or view")
+        self._check_intact(record)
+
+    def _check_intact(self, record: Record, what: str = "snapshot") -> None:
+        """Refuse a snapshot whose layer, or an ancestor's, start-up found
+        missing (its mounts would name that layer).  From memory."""
+        if not self._missing:
+            return
+        self._check_own_layer(record, what)
+        ancestor = record
+        while ancestor.info.parent:
+            ancestor = self.meta.get(ancestor.info.parent)
+            path = self._missing.get(ancestor.layer)
+            if path is not None:
+                raise FailedPrecondition(
+                    f"{what} {record.info.name!r} is broken: its ancestor "
+                    f"{ancestor.info.name!r} lost its layer {path} (in a crash, or deleted); "
+                    "remove the snapshots from this one down to that "
+                    "one and unpack or create them again")
+
+    def _check_own_layer(self, record: Record, what: str = "snapshot") -> None:
+        path = self._missing.get(record.layer)
+        if path is not None:
+            raise FailedPrecondition(
+                f"{what} {record.info.name!r} is broken: its layer {path} is missing (lost "
+                "in a crash, or deleted); remove it and unpack or create it again")
 
     def _mounts(self, record: Record) -> list[MountSpec]:
         self._check_mountable(record)
@@ -129,6 +180,8 @@ class Snapshotter:
         check_key(name, "name")
         check_labels(labels)
         record = self.meta.get(key)
+        if record.info.kind == Kind.ACTIVE:
+            self._check_own_layer(record)
         # Measured only for an active snapshot: the rest is refused below anyway.
         usage = self.driver.usage(record.layer) if record.info.kind == Kind.ACTIVE else (0, 0)
         fault_point("snap.commit.measured")
@@ -141,6 +194,7 @@ class Snapshotter:
         check_key(key)
         layer = self.meta.remove(key).layer
         self._specs.pop(layer, None)
+        self._missing.pop(layer, None)
         fault_point("snap.remove.unrecorded")
         self._remove_layer(layer)
 
@@ -170,6 +224,7 @@ class Snapshotter:
         check_key(key)
         record = self.meta.get(key)
         if record.info.kind == Kind.ACTIVE:
+            self._check_own_layer(record)
             return self.driver.usage(record.layer)
         return record.size, record.inodes
 

@@ -17,6 +17,8 @@ owner and mode.  A staged layer gets them in ``staging/`` (the rename keeps them
 A crash at any point leaves each id either absent or complete; ``reconcile``
 at start-up deletes whatever is left in staging/ and trash/.  Model:
 containerd overlay ``createSnapshot`` (a ``new-*`` temp dir renamed in place).
+A front-end whose own records can outlive a layer's rename (the containerd
+snapshotter: see ``promote_staged``) first takes back what it recorded.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import stat
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -49,6 +52,8 @@ MAX_ID_LEN = 128
 #: Home, layers/ and each layer's dir: the owner (root) may do anything, the group
 #: (the remapped root's) may only pass through, others nothing (see the module doc).
 LAYER_DIR_MODE = 0o710
+#: The three directories of a Home (see the module doc).
+LAYERS, STAGING, TRASH = "layers", "staging", "trash"
 
 
 def validate_id(layer_id: str, what: str = "ID") -> str:
@@ -79,9 +84,9 @@ class LayerStore:
     def __init__(self, home: str, group: int = 0) -> None:
         self.home = home
         self.group = group
-        self.layers_dir = os.path.join(home, "layers")
-        self.staging_dir = os.path.join(home, "staging")
-        self.trash_dir = os.path.join(home, "trash")
+        self.layers_dir = os.path.join(home, LAYERS)
+        self.staging_dir = os.path.join(home, STAGING)
+        self.trash_dir = os.path.join(home, TRASH)
         for d, gid in ((home, group), (self.layers_dir, group),
                        (self.staging_dir, 0), (self.trash_dir, 0)):
             os.makedirs(d, mode=LAYER_DIR_MODE, exist_ok=True)
@@ -300,6 +305,103 @@ class LayerStore:
     def half_applied(self) -> list[str]:
         """Layers whose ApplyDiff never finished (a crash): the backend removes them."""
         return [i for i in self.ids() if self.read_meta(i).applying]
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What ``promote_staged`` did."""
+
+    #: Ids renamed from staging/ into layers/.
+    promoted: list[str] = field(default_factory=list)
+    #: Id -> its ``layers/<id>`` path, for each id asked for that is absent and
+    #: has no staged copy that can take its place.
+    missing: dict[str, str] = field(default_factory=dict)
+    #: The largest decimal id a staged copy is named by (0 if none).
+    highest_staged: int = 0
+
+
+def promote_staged(home: str, wanted: Mapping[str, str]) -> Promotion:
+    """Put back into layers/ the staged layers whose rename a power cut lost,
+    before ``LayerStore`` opens Home (its ``reconcile`` deletes staging/).
+
+    ``wanted`` maps each layer id a caller's durable records claim to its
+    parent's id ("" for none).  ``staging`` fsyncs a layer's files and its
+    dir before renaming it but leaves the rename to the next journal commit,
+    so a record committed after Create returned (the snapshotter's sqlite row,
+    whose commit forces no journal commit of this filesystem) can reach the
+    disk while its layer is still in staging/, complete.  Such a copy is
+    renamed into place and the rename fsynced, if it is the id's only staged
+    copy (ids are never reused while a staged copy names them: the caller
+    skips past ``highest_staged``), a real directory, and its ``meta.json``
+    names the recorded parent and no unfinished ApplyDiff; anything else is
+    left for ``reconcile`` and the id reported ``missing``.  Never raises on
+    what it finds (a failed rename is logged and the id reported missing)."""
+    layers_dir, staging_dir = os.path.join(home, LAYERS), os.path.join(home, STAGING)
+    present = set(_listdir(layers_dir))
+    copies: defaultdict[str, list[str]] = defaultdict(list)
+    highest = 0
+    for name in _listdir(staging_dir):
+        layer_id = name.rpartition(".")[0]
+        copies[layer_id].append(name)
+        if layer_id.isdigit():
+            highest = max(highest, int(layer_id))
+    done = Promotion(highest_staged=highest)
+    for layer_id, parent in sorted(wanted.items()):
+        if layer_id in present:
+            continue
+        final = os.path.join(layers_dir, validate_id(layer_id))
+        stage = _promotable(staging_dir, layer_id, parent, copies.get(layer_id, []))
+        if stage is None:
+            done.missing[layer_id] = final
+            continue
+        try:
+            os.rename(stage, final)
+        except OSError as e:
+            log.error("cannot promote staged layer %s to %s: %s", stage, final, e)
+            done.missing[layer_id] = final
+            continue
+        log.warning("layer %s: its rename was lost (a power cut?): promoted %s to %s",
+                    layer_id, stage, final)
+        done.promoted.append(layer_id)
+    if done.promoted:
+        fsync_dir(layers_dir)
+        fsync_dir(staging_dir)
+    return done
+
+
+def _promotable(staging_dir: str, layer_id: str, parent: str, names: list[str]) -> str | None:
+    """The one staged copy of ``layer_id`` that may become it (see ``promote_staged``)."""
+    if not names:
+        return None
+    if len(names) > 1:
+        log.warning("layer %s: %d staged copies (%s); promoting none", layer_id, len(names),
+                    ", ".join(sorted(names)))
+        return None
+    stage = os.path.join(staging_dir, names[0])
+    try:
+        if not _is_real_dir(stage):
+            raise InvalidArgument("not a directory")
+        with open(os.path.join(stage, "meta.json"), "rb") as f:
+            meta = msgspec.json.decode(f.read(), type=LayerMeta)
+    except FileNotFoundError:
+        meta = _DEFAULT_META
+    except (OSError, msgspec.DecodeError, InvalidArgument) as e:
+        log.warning("layer %s: staged copy %s is damaged (%s); not promoting it",
+                    layer_id, stage, e)
+        return None
+    if meta.parent != parent or meta.applying:
+        log.warning("layer %s: staged copy %s is not the recorded layer (parent %r, "
+                    "recorded %r, applying %s); not promoting it",
+                    layer_id, stage, meta.parent, parent, meta.applying)
+        return None
+    return stage
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def own_dir(path: str, group: int, mode: int = LAYER_DIR_MODE) -> bool:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -35,12 +36,10 @@ class InLoop:
     client: Client
 
 
-@pytest.fixture(params=["overlay", "vfs"])
-async def in_loop(request: pytest.FixtureRequest) -> AsyncIterator[InLoop]:
-    # Unix socket paths must stay under 108 bytes: a short dir under /tmp.
-    scratch = tempfile.mkdtemp(prefix="snaploop-", dir="/tmp")
-    config = SnapshotterConfig(socket_path=os.path.join(scratch, "s.sock"),
-                               root=os.path.join(scratch, "root"), backend=request.param)
+@asynccontextmanager
+async def serving(config: SnapshotterConfig) -> AsyncIterator[InLoop]:
+    """``open_snapshotter`` (blocking start-up, as serve.py runs it in the pool)
+    and the service on ``config``'s socket in this loop."""
     snapshotter = open_snapshotter(config)
     executor = ThreadPoolExecutor(4, thread_name_prefix="snap")
     server = Server([SnapshotsService(snapshotter, executor)])
@@ -54,7 +53,23 @@ async def in_loop(request: pytest.FixtureRequest) -> AsyncIterator[InLoop]:
         await server.wait_closed()
         executor.shutdown()
         snapshotter.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def scratch_config(backend: str) -> SnapshotterConfig:
+    # Unix socket paths must stay under 108 bytes: a short dir under /tmp.
+    scratch = tempfile.mkdtemp(prefix="snaploop-", dir="/tmp")
+    return SnapshotterConfig(socket_path=os.path.join(scratch, "s.sock"),
+                             root=os.path.join(scratch, "root"), backend=backend)
+
+
+@pytest.fixture(params=["overlay", "vfs"])
+async def in_loop(request: pytest.FixtureRequest) -> AsyncIterator[InLoop]:
+    config = scratch_config(request.param)
+    try:
+        async with serving(config) as running:
+            yield running
+    finally:
+        shutil.rmtree(os.path.dirname(config.root), ignore_errors=True)
 
 
 async def status_of(call: object) -> Status:
@@ -91,6 +106,36 @@ async def test_mounts_not_yet_answered_go_to_the_pool(in_loop: InLoop) -> None:
         assert await client.mounts("ns/b") == first
         assert await client.mounts("ns/b") == first
     await client.remove("ns/b")
+
+
+@pytest.mark.parametrize("backend", ["overlay", "vfs"])
+async def test_a_broken_record_is_refused_on_the_loop(backend: str) -> None:
+    """With a record whose layer start-up found missing (test_reconcile.py),
+    its Mounts are refused from memory, and Stat and Mounts of the healthy
+    snapshots are still answered there."""
+    config = scratch_config(backend)
+    try:
+        async with serving(config) as before:
+            await before.client.prepare("ns/base-a")
+            await before.client.commit("ns/base", "ns/base-a")
+            await before.client.prepare("ns/lost", "ns/base")
+            await before.client.prepare("ns/ok", "ns/base")
+            lost = before.snapshotter.meta.get("ns/lost").layer
+        home = os.path.join(config.root, backend)
+        os.rename(os.path.join(home, "layers", lost), os.path.join(home, "trash", lost))
+        async with serving(config) as after:
+            client = after.client
+            first = await client.mounts("ns/ok")  # in the pool: nothing answered yet
+            with blockbuster_ctx("plugin"):
+                assert await client.mounts("ns/ok") == first
+                assert (await client.stat("ns/ok")).kind == pb.ACTIVE
+                assert (await client.stat("ns/lost")).kind == pb.ACTIVE
+                assert await status_of(client.mounts("ns/lost")) == Status.FAILED_PRECONDITION
+                assert await status_of(client.mounts("ns/lost")) == Status.FAILED_PRECONDITION
+            await client.remove("ns/lost")
+            assert await status_of(client.mounts("ns/lost")) == Status.NOT_FOUND
+    finally:
+        shutil.rmtree(os.path.dirname(config.root), ignore_errors=True)
 
 
 async def test_the_loop_guard_sees_blocking_calls(in_loop: InLoop) -> None:

@@ -11,7 +11,7 @@ from plugin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from plugin.idtools import IDMap
 from plugin.state import refcount
 from plugin.state.config import InitRecord, load_init, save_init
-from plugin.state.layers import LayerMeta, LayerStore, validate_id
+from plugin.state.layers import LayerMeta, LayerStore, promote_staged, validate_id
 from plugin.state.refcount import (
     RefCounter,
     internal_references,
@@ -225,6 +225,45 @@ def test_init_record_round_trip(tmp_path: str) -> None:
 def _owner_mode(path: str) -> tuple[int, int, int]:
     st = os.lstat(path)
     return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def _unrename(store: LayerStore, layer_id: str, suffix: str = "0123456789ab") -> str:
+    """Move a layer back into staging/, as a power cut that lost its rename leaves it."""
+    stage = os.path.join(store.staging_dir, f"{layer_id}.{suffix}")
+    os.rename(store.layer_dir(layer_id), stage)
+    return stage
+
+
+def test_promote_staged_puts_back_only_the_recorded_copy(tmp_path: str) -> None:
+    """A recorded layer left in staging/ is renamed into place if its one staged
+    copy is that layer (recorded parent, no unfinished ApplyDiff); otherwise it
+    is reported missing and its copies are left to reconcile."""
+    home = str(tmp_path)
+    store = LayerStore(home)
+    for layer_id, parent in (("1", ""), ("2", "1"), ("3", "1"), ("4", "1"), ("5", "1")):
+        with store.staging(layer_id, LayerMeta(parent=parent)) as stage:
+            open(os.path.join(stage, "payload"), "w").close()
+    moved = _unrename(store, "1")
+    _unrename(store, "2")
+    _unrename(store, "3")
+    os.makedirs(os.path.join(store.staging_dir, "3.second"))  # two copies: which one?
+    _unrename(store, "4")
+    os.makedirs(os.path.join(store.staging_dir, "17.half"))  # a Create no record claims
+    wanted = {"1": "", "2": "9", "3": "1", "4": "1", "5": "1", "6": "1"}
+    os.rename(store.layer_dir("5"), os.path.join(str(tmp_path), "elsewhere"))
+    done = promote_staged(home, {k: v for k, v in wanted.items() if k != "4"})
+    assert done.promoted == ["1"]
+    assert sorted(done.missing) == ["2", "3", "5", "6"]
+    assert done.missing["6"] == os.path.join(home, "layers", "6")
+    assert done.highest_staged == 17
+    assert not os.path.exists(moved)
+    assert os.path.exists(os.path.join(store.layer_dir("1"), "payload"))
+    assert sorted(os.listdir(store.staging_dir)) == ["17.half", "2.0123456789ab",
+                                                     "3.0123456789ab", "3.second",
+                                                     "4.0123456789ab"]
+    assert LayerStore(home).ids() == ["1"]  # the promoted layer is a layer like any
+    assert promote_staged(os.path.join(home, "none"), {"1": ""}).missing == {
+        "1": os.path.join(home, "none", "layers", "1")}
 
 
 def test_layer_dirs_get_the_remapped_roots_group(tmp_path: str) -> None:
