@@ -331,18 +331,30 @@ def test_a_small_layer_made_in_memory_is_byte_identical(
     monkeypatch.setattr(time, "time", lambda: 1_600_000_000.75)
     monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_BYTES", 1 << 30)
     monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_ENTRIES", 1 << 20)
-    assert archive_stream._small_tree(str(tree))
     stream = export_tree(str(tree), IDMappings(), whiteout_format=fmt)
     assert stream.whole() == _export(_spec(tree, fmt=fmt), SINGLE, forks=0)
     assert export_to_memory(_spec(tree, CHANGES, fmt)) == _export(_spec(tree, CHANGES, fmt),
                                                                   SINGLE, forks=0)
 
 
+def test_memory_export_stops_at_its_bounds(tmp_path: Path) -> None:
+    """Past either bound ``export_to_memory`` keeps nothing (the caller starts a
+    worker); within them it gives the worker's bytes."""
+    for name in ("a", "b", "c"):
+        _write(tmp_path / "d" / name, b"x" * 1000)
+    spec = _spec(tmp_path)  # d/, d/a, d/b, d/c
+    whole = _export(spec, SINGLE, forks=0)
+    entries = len(tarfile.open(fileobj=io.BytesIO(whole)).getnames())
+    assert export_to_memory(spec, max_entries=entries) == whole
+    assert export_to_memory(spec, max_entries=entries - 1) is None
+    assert export_to_memory(spec, max_bytes=len(whole)) == whole
+    assert export_to_memory(spec, max_bytes=2500) is None  # the second body passes it
+
+
 def test_a_layer_past_the_bounds_goes_to_a_worker(
         tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_BYTES", 1 << 10)
     monkeypatch.setattr(archive_stream, "MEMORY_EXPORT_MAX_ENTRIES", 1 << 20)
-    assert not archive_stream._small_tree(str(tree))
     with export_tree(str(tree), IDMappings()) as stream:
         assert stream.whole() is None and stream.pipe_fd() is not None
         assert len(read_all(stream)) % tarfile.RECORDSIZE == 0

@@ -92,36 +92,66 @@ def export_layer(spec: dict[str, Any], out: IO[bytes]) -> None:
     _export(spec, Output(out), may_fork=True)
 
 
-class _MemoryOutput(Output):
-    """An Output that keeps what is written (no descriptor, no ``sendfile``)."""
+class _TooBig(Exception):
+    """An in-memory export passed its bound."""
 
-    def __init__(self) -> None:
+
+class _MemoryOutput(Output):
+    """An Output that keeps what is written (no descriptor, no ``sendfile``), up to
+    ``limit`` bytes of file bodies and headers (``_TooBig`` before a body that
+    would pass it is read)."""
+
+    def __init__(self, limit: int) -> None:
         super().__init__(-1)
         self.sendfile_min = 1 << 62
-        self.chunks: list[bytes] = []
+        self.flush_at = 1 << 62  # everything stays in _parts
+        self.limit = limit
+
+    def write_file(self, header: bytes, src_fd: int, size: int, path: str) -> None:
+        if self.offset + size > self.limit:
+            raise _TooBig(path)
+        super().write_file(header, src_fd, size, path)
 
     def flush(self) -> None:
-        if self._parts:
-            self.chunks.append(b"".join(self._parts))
-            self._parts.clear()
-            self.held = 0
+        pass
+
+    def data(self) -> bytes:
+        return b"".join(self._parts)
 
 
-def export_to_memory(spec: dict[str, Any]) -> bytes:
+def export_to_memory(spec: dict[str, Any], *, max_entries: int = 1 << 62,
+                     max_bytes: int = 1 << 62) -> bytes | None:
     """The layer tar of ``spec`` (as for ``export_layer``), made by the calling thread and
-    held in memory: for a layer the caller knows to be small.  Never forks (the caller
-    may be a thread of the multi-threaded plugin)."""
-    out = _MemoryOutput()
-    _export(spec, out, may_fork=False)
-    return b"".join(out.chunks)
+    held in memory; None (nothing kept) for a tree of more than ``max_entries``
+    entries, or when the file bodies would pass ``max_bytes``.  Never forks (the
+    caller may be a thread of the multi-threaded plugin)."""
+    names = None
+    if spec["changes"] is None:
+        # Names only (no stat) decide the first bound before anything is read.
+        names = next(walk_names(spec["root"], max_entries + 1), [])
+        if len(names) > max_entries:
+            return None
+    out = _MemoryOutput(max_bytes)
+    try:
+        _export(spec, out, may_fork=False, names=names)
+    except _TooBig:
+        return None
+    return out.data()
 
 
-def _export(spec: dict[str, Any], out: Output, *, may_fork: bool) -> None:
+def _export(spec: dict[str, Any], out: Output, *, may_fork: bool,
+            names: Chunk | None = None) -> None:
+    """``names``: the whole tree's names in walk order, when the caller has them."""
     root: str = spec["root"]
     prefix = root if root.endswith("/") else root + "/"
     changes: list[list[Any]] | None = spec["changes"]
-    chunks = (walk_names(root, CHUNK_ENTRIES) if changes is None
-              else _chunked(_change_items(changes), CHUNK_ENTRIES))
+    chunks: Iterator[Chunk]
+    if names is not None:
+        chunks = iter([names] if names else [])
+    elif changes is None:
+        chunks = walk_names(root, CHUNK_ENTRIES)
+    else:
+        chunks = _chunked(_change_items(changes), CHUNK_ENTRIES)
     writer = _ChunkWriter(out, IDMappings.from_json(spec["idmap"]),
                           spec["whiteout_format"], prefix)
     recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=2)

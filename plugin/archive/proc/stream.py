@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import stat
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,9 @@ _CHUNK = 1 << 20
 #: small layer is not worth the fork.
 HELPER_AFTER = 64
 _WHITEOUT_FORMATS = ("aufs", "overlay")
-#: A layer of at most this many entries, and bytes of regular files, is exported by the
-#: calling thread into memory instead of by a worker: a worker costs a fork, pipes and
+#: A layer of at most this many entries, and bytes of tar (``export_to_memory`` stops
+#: before a body that would pass it), is exported by the calling thread into memory
+#: instead of by a worker: a worker costs a fork, pipes and
 #: process wake-ups, many times the export of a small layer (``bench_graphtest.py``).
 #: Export only reads the tree, with the calls the worker makes (it is not chrooted
 #: either), so nothing is given up in confinement; the bounds cap the memory held and
@@ -194,46 +194,6 @@ class MemoryTarStream(TarStream):
         self._pos = len(self._data)
 
 
-def _small_tree(root: str) -> bool:
-    """Is the tree under ``root`` within the in-memory export bounds?"""
-    entries, size, pending = 0, 0, [root]
-    try:
-        while pending:
-            with os.scandir(pending.pop()) as it:
-                for entry in it:
-                    entries += 1
-                    if entries > MEMORY_EXPORT_MAX_ENTRIES:
-                        return False
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
-                    elif entry.is_file(follow_symlinks=False):
-                        size += entry.stat(follow_symlinks=False).st_size
-                        if size > MEMORY_EXPORT_MAX_BYTES:
-                            return False
-    except OSError:
-        return False  # the worker meets it again and reports it as it always has
-    return True
-
-
-def _small_changes(root: str, changes: list[Change]) -> bool:
-    """Are ``changes`` of ``root`` within the in-memory export bounds?"""
-    if len(changes) > MEMORY_EXPORT_MAX_ENTRIES:
-        return False
-    size = 0
-    for change in changes:
-        if change.kind == ChangeKind.DELETE:
-            continue
-        try:
-            st = os.lstat(os.path.join(root, change.path.lstrip("/")))
-        except OSError:
-            return False
-        if stat.S_ISREG(st.st_mode):
-            size += st.st_size
-            if size > MEMORY_EXPORT_MAX_BYTES:
-                return False
-    return True
-
-
 def _export_spec(root: str, idmap: IDMappings, whiteout_format: str,
                  changes: list[Change] | None) -> dict[str, Any]:
     """An export job's arguments; ``InvalidArgument`` for an unknown whiteout format."""
@@ -246,12 +206,14 @@ def _export_spec(root: str, idmap: IDMappings, whiteout_format: str,
 def _small_export(spec: dict[str, Any], changes: list[Change] | None) -> TarStream | None:
     """The tar made in memory, in this thread, if the export is within the bounds."""
     root = spec["root"]
-    if not (_small_tree(root) if changes is None else _small_changes(root, changes)):
+    if changes is not None and len(changes) > MEMORY_EXPORT_MAX_ENTRIES:
         return None
     try:
-        return MemoryTarStream(export_to_memory(spec))
+        data = export_to_memory(spec, max_entries=MEMORY_EXPORT_MAX_ENTRIES,
+                                max_bytes=MEMORY_EXPORT_MAX_BYTES)
     except (StrataError, OSError, ValueError, KeyError) as exc:
         raise StrataError(f"exporting {root}: {exc}") from None
+    return None if data is None else MemoryTarStream(data)
 
 
 def _start_export(root: str, idmap: IDMappings, whiteout_format: str,
@@ -284,7 +246,10 @@ def export_tree_if_small(root: str, idmap: IDMappings, *,
                          whiteout_format: str = "aufs") -> TarStream | None:
     """``export_tree`` if the tree is small enough to be made in memory, else None
     (nothing started): for a caller whose view of the tree only lasts this call."""
-    return _small_export(_export_spec(root, idmap, whiteout_format, None), None)
+    spec = _export_spec(root, idmap, whiteout_format, None)
+    if not os.path.isdir(root):
+        raise NotFound(f"export: {root} is not a directory")
+    return _small_export(spec, None)
 
 
 def export_changes(root: str, changes: list[Change], idmap: IDMappings, *,
