@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from plugin.archive import ApplyOptions, apply_layer, export_tree
+from plugin.archive.tar.writer import LayerWriter
 from plugin.idtools import IDMappings
 from tests.unit.test_archive_util import Entry, make_tar, read_all, tar_members, tree_files
 
@@ -130,6 +131,37 @@ def test_overlay_export_converts_back_to_aufs_form(tmp_path: Path) -> None:
     # The same tree in aufs mode keeps the device as a device.
     plain = tar_members(read_all(export_tree(str(upper), IDMappings())))
     assert "etc/victim" in [m.name for m in plain]
+
+
+def test_overlay_export_takes_the_plain_path_with_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain files and directories of an overlay upper dir take the writer's bare
+    ustar block; whiteouts, opaque dirs, xattrs and links do not: byte for byte the
+    tar the full per-entry path writes."""
+    upper = tmp_path / "upper"
+    (upper / "etc" / "deep").mkdir(parents=True)
+    (upper / "etc" / "plain").write_bytes(b"p" * 700)
+    (upper / "etc" / "deep" / "empty").write_bytes(b"")
+    os.mknod(upper / "etc" / "victim", stat.S_IFCHR, 0)
+    (upper / "opt").mkdir()
+    os.setxattr(upper / "opt", "trusted.overlay.opaque", b"y")
+    (upper / "opt" / "cap").write_bytes(b"c")
+    os.setxattr(upper / "opt" / "cap", "user.note", b"kept")
+    os.link(upper / "etc" / "plain", upper / "opt" / "link")
+    os.symlink("plain", upper / "etc" / "sym")
+    os.utime(upper / "etc", (1_600_000_000, 1_600_000_000))
+
+    def export() -> bytes:
+        return read_all(export_tree(str(upper), IDMappings(), whiteout_format="overlay"))
+
+    fast = export()
+    calls: list[str] = []
+    real = LayerWriter._plain_block
+    monkeypatch.setattr(LayerWriter, "_plain_block",
+                        lambda self, name, st: calls.append(name) or real(self, name, st))
+    assert export() == fast and {"etc", "etc/plain", "etc/deep"} <= set(calls)
+    monkeypatch.setattr(LayerWriter, "_plain_block", lambda self, name, st: None)
+    assert export() == fast
 
 
 def test_overlay_round_trip(tmp_path: Path) -> None:

@@ -182,13 +182,13 @@ class LayerWriter:
         self._idmap = idmap
         self._overlay = whiteout_format == "overlay"
         self._seen_inodes: dict[tuple[int, int], str] = {}
-        self._unames: dict[int, str] = {}
-        self._gnames: dict[int, str] = {}
+        self._unames, self._gnames = _NAMES.current()
         # Open directories, so that an entry's syscalls look up one name, not a path
         # (the kernel walks a path component by component, for every syscall).
         self._dir_fds: dict[str, int | None] = {}
-        # No ID mapping or whiteout conversion: plain entries take _plain_block.
-        self._simple = idmap.empty and not self._overlay
+        # No ID mapping: plain entries take _plain_block (an entry without xattrs is
+        # neither an overlay whiteout, a device, nor an opaque directory).
+        self._simple = idmap.empty
         self._delegates = False
 
     def close(self) -> None:
@@ -369,6 +369,35 @@ def _skip_or_raise(path: str, exc: SkipEntry | OSError) -> None:
         log.warning("can't add %s to tar: %s", path, exc.strerror or exc)
     else:
         raise exc
+
+
+class _NameCache:
+    """uid -> user and gid -> group names, kept across archives (Go's archive/tar,
+    which docker uses, keeps them for the life of the process); forgotten when
+    /etc/passwd or /etc/group changes.  A lookup through NSS costs more than the
+    rest of a small file's entry."""
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int, int] | None, ...] = ()
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def current(self) -> tuple[dict[int, str], dict[int, str]]:
+        key = (_file_key("/etc/passwd"), _file_key("/etc/group"))
+        if key != self._key:
+            self._key, self._users, self._groups = key, {}, {}
+        return self._users, self._groups
+
+
+def _file_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+_NAMES = _NameCache()
 
 
 def _user_name(uid: int) -> str:
