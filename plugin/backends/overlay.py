@@ -159,7 +159,7 @@ class OverlayDriver(RefCountedStore, Driver):
     def _native(self, layer_id: str, parent: str) -> str | None:
         """The layer dir if ``parent`` is the layer's own and native diff is on, else None."""
         layer_dir = self.store.require(layer_id)
-        if self.native_reason or self.store.read_meta(layer_id).parent != parent:
+        if self.native_reason or self.store.parent_of(layer_id) != parent:
             return None
         return layer_dir
 

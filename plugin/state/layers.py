@@ -112,6 +112,9 @@ class LayerStore:
             parent = self._read_parent(layer_id)
             if parent:
                 self._children[parent].add(layer_id)
+        # layer id -> its parent ("" for none), as read or created: a layer's
+        # parent never changes, and overlay's Diff and Changes ask it on every call.
+        self._parents: dict[str, str] = {}
 
     def _plain(self, name: str) -> bool:
         """A layer's real directory (not a symlink or junk planted in layers/)."""
@@ -157,6 +160,15 @@ class LayerStore:
     def write_meta(self, layer_dir: str, meta: LayerMeta, *, durable: bool = True) -> None:
         write_atomic(os.path.join(layer_dir, "meta.json"), msgspec.json.encode(meta),
                      durable=durable)
+
+    def parent_of(self, layer_id: str) -> str:
+        """The layer's parent id ("" for none), from memory once the layer is known."""
+        parent = self._parents.get(layer_id)
+        if parent is None:
+            parent = self.read_meta(layer_id).parent
+            if self.known(layer_id):
+                self._parents[layer_id] = parent
+        return parent
 
     def _read_parent(self, layer_id: str) -> str:
         try:
@@ -239,6 +251,7 @@ class LayerStore:
                 if os.path.lexists(final):
                     raise AlreadyExists(f"layer {layer_id} already exists") from e
                 raise
+            self._parents[layer_id] = meta.parent
             self._known.add(layer_id)
             fault_point("create.renamed")
         except BaseException:
@@ -272,8 +285,10 @@ class LayerStore:
             os.rename(final, doomed)
         except FileNotFoundError:
             self._known.discard(layer_id)
+            self._parents.pop(layer_id, None)
             return False
         self._known.discard(layer_id)
+        self._parents.pop(layer_id, None)
         if parent:
             self._disown(layer_id, parent)
         if durable:

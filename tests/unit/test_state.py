@@ -80,6 +80,25 @@ def test_the_tree_refuses_orphans(tmp_path: str) -> None:
     assert not store.exists("P")
 
 
+def test_parent_of_follows_create_and_remove(tmp_path: str) -> None:
+    """``parent_of`` answers from memory, and an id made again after its Remove
+    gets its new parent, not the one remembered."""
+    store = LayerStore(str(tmp_path))
+    for layer_id, parent in (("P", ""), ("Q", ""), ("C", "P")):
+        with store.staging(layer_id, LayerMeta(parent=parent)):
+            pass
+    assert [store.parent_of(i) for i in ("P", "C")] == ["", "P"]
+    assert LayerStore(str(tmp_path)).parent_of("C") == "P"  # read from meta.json
+    assert store.remove("C")
+    with store.staging("C", LayerMeta(parent="Q")):
+        pass
+    assert store.parent_of("C") == "Q"
+    assert store.remove("C")
+    with store.staging("C", LayerMeta()):
+        pass
+    assert store.parent_of("C") == ""
+
+
 def test_remove_and_reconcile(tmp_path: str) -> None:
     store = LayerStore(str(tmp_path))
     with store.staging("L1", LayerMeta()):
