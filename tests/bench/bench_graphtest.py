@@ -42,6 +42,10 @@ SHIMS = {"github.com/docker/docker/quota": "quota.go",
 #: Issue 14's bar, strata / in-tree overlay2 (None: reported, no bar).
 BAR = {"DiffBase": 3.0, "DiffSmallUpper": 1.3, "DiffApply100": 1.0, "Diff20Layers": 1.3,
        "Diff10KFileUpper": 0.6, "Diff10KFilesBottom": 0.6}
+#: ``--floor``: floor_server.py's modes and what each one is.
+FLOOR_MODULE = "tests.bench.floor_server"
+FLOOR_MODES = {"loop": "no filesystem work, on the event loop",
+               "pool": "no filesystem work, one hop to the worker pool (STYLE rule 8)"}
 DEFAULT = "DiffBase,DiffSmallUpper,DiffApply100,Diff20Layers,Diff10KFileUpper,Diff10KFilesBottom"
 
 
@@ -109,6 +113,26 @@ def report(names: list[str], runs: list[tuple[dict[str, float], dict[str, float]
     print("load average (1 5 15 min): " + " | ".join(loads))
 
 
+def report_floor(runs: list[tuple[dict[str, float], dict[str, float]]],
+                 floor_runs: list[dict[str, float]]) -> None:
+    """DiffBase against the floor servers, each ratio to overlay2's in the same round."""
+    theirs = statistics.median(base["DiffBase"] for base, _ in runs)
+    rows = []
+    for mode, label in FLOOR_MODES.items():
+        ms = [f[mode] for f in floor_runs]
+        rows.append([label, f"{statistics.median(ms) / 1e6:.2f}",
+                     f"{statistics.median(ms) / theirs:.2f}x",
+                     " ".join(f"{f[mode] / base['DiffBase']:.2f}"
+                              for f, (base, _) in zip(floor_runs, runs, strict=True))])
+    ours = statistics.median(mine["DiffBase"] for _, mine in runs)
+    rows.append(["strata (reads the layer, in the pool)", f"{ours / 1e6:.2f}",
+                 f"{ours / theirs:.2f}x",
+                 " ".join(f"{mine['DiffBase'] / base['DiffBase']:.2f}" for base, mine in runs)])
+    print_table("DiffBase floor: a Diff that answers a tar made earlier (floor_server.py), "
+                "ratio to in-tree overlay2 in the same rounds",
+                ["server", "ms/op", "ratio of medians", "every round's ratio"], rows)
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -120,6 +144,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=20, help="iterations per benchmark and run")
     parser.add_argument("--backend", default="overlay", help="strata's backend")
     parser.add_argument("--bench", default=DEFAULT)
+    parser.add_argument("--floor", action="store_true",
+                        help="also DiffBase on floor_server.py (a Diff with no filesystem "
+                             "work, with and without the worker-pool hop) in the same rounds")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (overlay mounts)", file=sys.stderr)
@@ -132,20 +159,31 @@ def main() -> int:
         if binary is None:
             return 0
         server = PluginServer(ws, backend=args.backend)
+        floors = {mode: PluginServer(ws, backend=args.backend, module=FLOOR_MODULE,
+                                     env={"STRATA_FLOOR": mode})
+                  for mode in (FLOOR_MODES if args.floor else ())}
         runs: list[tuple[dict[str, float], dict[str, float]]] = []
+        floor_runs: list[dict[str, float]] = []
         try:
-            server.start().close()
+            for each in (server, *floors.values()):
+                each.start().close()
             for r in range(args.rounds):
                 order = ("overlay2", "strata") if r % 2 == 0 else ("strata", "overlay2")
                 got = {d: run_once(binary, ws, d, server.socket_path, args.bench, args.n)
                        for d in order}
                 runs.append((got["overlay2"], got["strata"]))
+                floor_runs.append({
+                    mode: run_once(binary, ws, "strata", floor.socket_path, "DiffBase",
+                                   args.n)["DiffBase"] for mode, floor in floors.items()})
                 log(f"round {r + 1}: " + ", ".join(
                     f"{k} {got['strata'][k] / got['overlay2'][k]:.2f}" for k in names))
         finally:
-            server.stop()
+            for each in (server, *floors.values()):
+                each.stop()
     loads.append(f"end {loadavg()}")
     report(names, runs, loads)
+    if floors:
+        report_floor(runs, floor_runs)
     print(f"\ntotal bench time {time.monotonic() - started:.0f}s; strata backend "
           f"{args.backend}, {args.n} iterations per benchmark and run")
     return 0

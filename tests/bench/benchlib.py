@@ -145,14 +145,15 @@ class PluginServer:
     The process is ``tests.support.plugin.Plugin`` running the plugin of ``REPO_ROOT``."""
 
     def __init__(self, ws: Workspace, backend: str = "vfs", log_level: str = "info",
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, module: str = "plugin",
+                 env: dict[str, str] | None = None) -> None:
         tag = secrets.token_hex(4)
         self.home = str(ws.fs / f"home-{tag}")
         self.plugin = Plugin(name=f"sbench-{tag}", backend=backend,
                              state_dir=ws.base / f"state-{tag}",
                              log_path=ws.base / f"plugin-{tag}.log",
                              socket=ws.base / f"p-{tag}.sock", log_level=log_level,
-                             repo_root=REPO_ROOT)
+                             repo_root=REPO_ROOT, module=module, extra_env=dict(env or {}))
         if metrics:  # counted per call, as with --metrics-socket in production
             self.plugin.extra_env["STRATA_METRICS_SOCKET"] = str(ws.base / f"m-{tag}.sock")
 

@@ -70,6 +70,7 @@ class Plugin:
     socket: Path | None = None  # None: where dockerd looks for NAME
     log_level: str = "debug"
     repo_root: Path = REPO_ROOT  # the tree whose plugin runs
+    module: str = "plugin"  # ``python -m MODULE serve ...`` (a bench may wrap the server)
 
     @property
     def socket_path(self) -> Path:
@@ -81,7 +82,7 @@ class Plugin:
         return self.proc.pid
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "plugin", "serve", "--name", self.name,
+        return [sys.executable, "-m", self.module, "serve", "--name", self.name,
                 "--socket", str(self.socket_path), "--state-dir", str(self.state_dir),
                 "--backend", self.backend, "--log-level", self.log_level]
 
