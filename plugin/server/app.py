@@ -32,11 +32,11 @@ from aiohttp import web
 from plugin.driver.base import CreateOpts, Driver
 from plugin.driver.manager import DriverManager
 from plugin.errors import DeadlineExceeded, InvalidArgument, StrataError
+from plugin.fspool import FsPool
 from plugin.idtools import IDMap
 from plugin.printable import printable
 from plugin.server import protocol as p
 from plugin.server.bridge import BodyReader, fd_ready
-from plugin.server.pool import FsPool
 from plugin.state.layers import validate_id
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on

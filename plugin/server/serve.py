@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from plugin.driver.manager import DriverManager
+from plugin.fspool import SHUTDOWN_DRAIN
 from plugin.server.activation import listen_fds, notify
 from plugin.server.app import ROUTES, PluginHandler, build_server
 
@@ -23,9 +24,6 @@ if TYPE_CHECKING:
     from plugin.server.metrics import CallMetrics
 
 log = logging.getLogger("strata.server")
-
-#: Seconds a stop waits for running filesystem calls (systemd's default stop timeout: 90).
-SHUTDOWN_DRAIN = 30.0
 
 
 @dataclass(frozen=True)

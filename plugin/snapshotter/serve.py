@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from grpclib.server import Server
 
 from plugin.driver import registry
 from plugin.errors import InvalidArgument
+from plugin.fspool import SHUTDOWN_DRAIN, FsPool
 from plugin.idtools import IDMappings
 from plugin.server.activation import notify
 from plugin.server.serve import bind_unix
@@ -89,9 +89,11 @@ def recorded_layers(meta: MetaStore) -> dict[str, str]:
 async def serve_snapshotter(config: SnapshotterConfig) -> None:
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
-        executor = stack.enter_context(ThreadPoolExecutor(config.workers,
-                                                          thread_name_prefix="snap"))
-        snapshotter = await loop.run_in_executor(executor, open_snapshotter, config)
+        executor = FsPool(config.workers, "snap")
+        # At the end: no new calls, then running ones may finish (bounded).
+        stack.callback(executor.join, SHUTDOWN_DRAIN)
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        snapshotter = await executor.start(open_snapshotter, config)
         stack.callback(snapshotter.close)
         server = Server([SnapshotsService(snapshotter, executor)])
         sock = bind_unix(config.socket_path, config.socket_mode, config.socket_group)

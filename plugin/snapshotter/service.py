@@ -18,13 +18,10 @@ Model: containerd ``contrib/snapshotservice/service.go``.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import TypeVar, cast
 
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -36,6 +33,7 @@ from grpclib.server import Stream
 
 from plugin import errors
 from plugin.driver.base import MountSpec
+from plugin.fspool import FsPool
 from plugin.snapshotter.limits import MAX_MESSAGE
 from plugin.snapshotter.metadata import Info
 from plugin.snapshotter.proto import mount_pb2, snapshots_pb2
@@ -156,7 +154,7 @@ def _failed(op: str, key: str, start: float, error: Exception) -> GRPCError:
 
 
 class SnapshotsService(SnapshotsBase):
-    def __init__(self, snapshotter: Snapshotter, executor: Executor) -> None:
+    def __init__(self, snapshotter: Snapshotter, executor: FsPool) -> None:
         self.snapshotter = snapshotter
         self.executor = executor
 
@@ -164,8 +162,7 @@ class SnapshotsService(SnapshotsBase):
         """``fn(*args)`` in the pool; a typed error becomes its gRPC status."""
         start = time.perf_counter()
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, functools.partial(fn, *args))
+            result: T = await self.executor.start(fn, *args)
         except Exception as e:
             raise _failed(op, key, start, e) from e
         _logged(logging.INFO, op, key, start, "ok")

@@ -8,13 +8,15 @@ through a plugin's socket with dockerd's request shape.  Reading down the
 table: what a forked worker costs (the zygote's fork, pipes, the child's exit
 and its report) against a warm worker and an export made in memory; what
 reaching a child layer's tree costs a naive Diff or ApplyDiff on overlay
-(Get's mount and Put's unmount against the detached views).  Nothing
+(Get's mount and Put's unmount against the detached views); what handing a call
+from the event loop to a worker thread costs (STYLE rule 8).  Nothing
 is asserted; the exit status is 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import os
 import statistics
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -30,6 +33,7 @@ from plugin.archive import ApplyOptions, apply_layer, export_tree
 from plugin.archive.proc import stream as archive_stream
 from plugin.driver.base import CreateOpts
 from plugin.driver.manager import DriverManager
+from plugin.fspool import FsPool
 from plugin.idtools import IDMappings
 from tests.bench.bench_protocol import add_files
 from tests.bench.benchlib import PluginServer, Workspace, new_layer_id, print_table
@@ -98,6 +102,42 @@ def _mount_rows(ws: Workspace, n: int) -> list[list[str]]:
     return rows
 
 
+def _hop_rows(n: int, work: Callable[[], object]) -> list[list[str]]:
+    """The event loop handing a call to a worker thread and taking its result back:
+    ``run_in_executor`` on a ``ThreadPoolExecutor`` (what the server used) against
+    ``FsPool.start`` (what it uses), for a call doing nothing and for ``work``;
+    on uvloop when installed, as the server runs."""
+    async def measure() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        pool, fspool = ThreadPoolExecutor(32), FsPool(32)
+        out = []
+        try:
+            def nothing() -> None:
+                return None
+
+            for what, fn in (("nothing", nothing), ("the in-memory 3-file Diff", work)):
+                for how in ("ThreadPoolExecutor + run_in_executor", "FsPool.start"):
+                    times = []
+                    for _ in range(n + 1):
+                        started = time.perf_counter()
+                        if how == "FsPool.start":
+                            await fspool.start(fn, timeout=600)
+                        else:
+                            await loop.run_in_executor(pool, fn)
+                        times.append(time.perf_counter() - started)
+                    ms = statistics.median(times[1:]) * 1000
+                    out.append([f"loop -> worker -> loop, {what}: {how}", f"{ms:.3f}"])
+        finally:
+            pool.shutdown()
+            fspool.shutdown()
+        return out
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+        return uvloop.run(measure())  # type: ignore[no-any-return, unused-ignore]
+    except ImportError:
+        return asyncio.run(measure())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -129,6 +169,7 @@ def main() -> int:
         ]
         for name, fn in phases:
             rows.append([name, f"{median_ms(args.n, fn):.3f}"])
+        rows.extend(_hop_rows(args.n * 5, diff))
         rows.extend(_mount_rows(ws, args.n))
         server = PluginServer(ws, backend="overlay")
         try:

@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from plugin.fspool import FsPool
 from plugin.snapshotter.proto import snapshots_pb2 as pb
 from plugin.snapshotter.serve import SnapshotterConfig, open_snapshotter
 from plugin.snapshotter.service import SnapshotsService
@@ -41,7 +41,7 @@ async def serving(config: SnapshotterConfig) -> AsyncIterator[InLoop]:
     """``open_snapshotter`` (blocking start-up, as serve.py runs it in the pool)
     and the service on ``config``'s socket in this loop."""
     snapshotter = open_snapshotter(config)
-    executor = ThreadPoolExecutor(4, thread_name_prefix="snap")
+    executor = FsPool(4, "snap")
     server = Server([SnapshotsService(snapshotter, executor)])
     await server.start(path=config.socket_path)
     client = Client(config.socket_path)

@@ -1,4 +1,4 @@
-"""The graphdriver's worker threads (``plugin/server/pool.py``): results, errors,
+"""The front-ends' worker threads (``plugin/fspool.py``): results, errors,
 deadlines, the bound on threads, shutdown."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from plugin.server.pool import FsPool
+from plugin.fspool import FsPool
 
 
 class Late(Exception):

@@ -1,4 +1,4 @@
-"""The threads that do the graphdriver's blocking filesystem work (STYLE.md rule 8).
+"""The threads that do the front-ends' blocking filesystem work (STYLE.md rule 8).
 
 A ``concurrent.futures.ThreadPoolExecutor`` reached through ``run_in_executor``
 costs a small call more than the work: a concurrent future chained to an
@@ -33,6 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
+
+#: Seconds a stopping server waits for running calls (systemd's default stop
+#: timeout is 90).
+SHUTDOWN_DRAIN = 30.0
 
 #: What a worker takes from the queue: the call, its arguments, and where the
 #: outcome goes (an asyncio future and its loop, or a concurrent future and None).
