@@ -344,7 +344,8 @@ def test_memory_export_stops_at_its_bounds(tmp_path: Path) -> None:
         _write(tmp_path / "d" / name, b"x" * 1000)
     spec = _spec(tmp_path)  # d/, d/a, d/b, d/c
     whole = _export(spec, SINGLE, forks=0)
-    entries = len(tarfile.open(fileobj=io.BytesIO(whole)).getnames())
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tf:
+        entries = len(tf.getnames())
     assert export_to_memory(spec, max_entries=entries) == whole
     assert export_to_memory(spec, max_entries=entries - 1) is None
     assert export_to_memory(spec, max_bytes=len(whole)) == whole
