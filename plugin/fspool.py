@@ -1,13 +1,13 @@
 """The threads that do the front-ends' blocking filesystem work (STYLE.md rule 8).
 
 A ``concurrent.futures.ThreadPoolExecutor`` reached through ``run_in_executor``
-costs a small call more than the work: a concurrent future chained to an
+wraps each call in more than the work needs: a concurrent future chained to an
 asyncio one, an idle semaphore (a Python ``Condition``), and Python run by the
 worker *after* it has woken the loop (setting the concurrent future, releasing
-the semaphore), which the woken loop thread then waits out for the GIL.  On
-this project's 2-core VM that hand-over, and the per-call deadline timer around
-it, cost about as much as the whole Diff of a 3-file layer (README, "Small
-layers"; ``tests/bench/profile_small.py`` measures the hop).
+the semaphore), which the woken loop thread may have to wait out for the GIL;
+the graphdriver also armed and cancelled a deadline timer per call.  For a
+small layer's Diff that hand-over is of the size of the work itself
+(``tests/bench/profile_small.py`` has the rows, README "Small layers").
 
 ``FsPool.start`` hands a call to a worker through one ``SimpleQueue`` and gets
 the outcome back with one ``call_soon_threadsafe``, after which the worker only

@@ -102,35 +102,40 @@ def _mount_rows(ws: Workspace, n: int) -> list[list[str]]:
     return rows
 
 
-def _hop_rows(n: int, work: Callable[[], object]) -> list[list[str]]:
+def _hop_rows(n: int, work: Callable[[], object], rounds: int = 6) -> list[list[str]]:
     """The event loop handing a call to a worker thread and taking its result back:
     ``run_in_executor`` on a ``ThreadPoolExecutor`` (what the server used) against
     ``FsPool.start`` (what it uses), for a call doing nothing and for ``work``;
-    on uvloop when installed, as the server runs."""
+    on uvloop when installed, as the server runs.  ``rounds`` interleaved passes of
+    ``n`` calls: the median of the passes' medians, and their range (a single pass
+    moves with where the scheduler put the two threads)."""
     async def measure() -> list[list[str]]:
         loop = asyncio.get_running_loop()
         pool, fspool = ThreadPoolExecutor(32), FsPool(32)
-        out = []
-        try:
-            def nothing() -> None:
-                return None
 
-            for what, fn in (("nothing", nothing), ("the in-memory 3-file Diff", work)):
-                for how in ("ThreadPoolExecutor + run_in_executor", "FsPool.start"):
-                    times = []
-                    for _ in range(n + 1):
-                        started = time.perf_counter()
-                        if how == "FsPool.start":
-                            await fspool.start(fn, timeout=600)
-                        else:
-                            await loop.run_in_executor(pool, fn)
-                        times.append(time.perf_counter() - started)
-                    ms = statistics.median(times[1:]) * 1000
-                    out.append([f"loop -> worker -> loop, {what}: {how}", f"{ms:.3f}"])
+        def nothing() -> None:
+            return None
+
+        passes: dict[tuple[str, str], list[float]] = {}
+        try:
+            for _ in range(rounds):
+                for what, fn in (("nothing", nothing), ("the in-memory 3-file Diff", work)):
+                    for how in ("ThreadPoolExecutor + run_in_executor", "FsPool.start"):
+                        times = []
+                        for _ in range(n + 1):
+                            started = time.perf_counter()
+                            if how == "FsPool.start":
+                                await fspool.start(fn, timeout=600)
+                            else:
+                                await loop.run_in_executor(pool, fn)
+                            times.append(time.perf_counter() - started)
+                        passes.setdefault((what, how), []).append(
+                            statistics.median(times[1:]) * 1000)
         finally:
             pool.shutdown()
             fspool.shutdown()
-        return out
+        return [[f"loop -> worker -> loop, {what}: {how} (passes {min(ms):.3f}-{max(ms):.3f})",
+                 f"{statistics.median(ms):.3f}"] for (what, how), ms in passes.items()]
     try:
         import uvloop  # type: ignore[import-not-found, unused-ignore]
         return uvloop.run(measure())  # type: ignore[no-any-return, unused-ignore]
