@@ -35,6 +35,7 @@ import pytest
 
 from plugin.containerd_setup import add_proxy_plugin
 from tests.support.mounts import mountinfo
+from tests.support.plugin import plugin_env
 from tests.support.procs import (
     HarnessError,
     pid_alive,
@@ -197,7 +198,10 @@ class PrivateContainerd:
         self.start_containerd()
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+        """nsenter into a mount namespace moves the cwd to its root (setns(2)), so
+        ``python -m plugin`` finds this checkout only through PYTHONPATH (else the
+        venv's editable install, which may be another checkout)."""
+        env = {k: v for k, v in plugin_env(REPO_ROOT).items() if k != "XDG_RUNTIME_DIR"}
         return {**env, "TMPDIR": str(self.workdir / "tmp")}
 
     def start_or_skip(self) -> None:

@@ -30,7 +30,7 @@ import pytest
 from plugin.snapshotter import BACKENDS
 from tests.backends import btrfs_fs  # noqa: F401 (fixture)
 from tests.containerd.ctrd import PrivateContainerd, containerd_unavailable
-from tests.containerd.images import HELLO, OPAQUE_NEW, ImageSet, build_images
+from tests.containerd.images import HELLO, OPAQUE_NEW, ImageSet
 from tests.support.mounts import mounts_under
 from tests.support.procs import wait_for
 from tests.support.workdir import new_workdir, remove_workdir
@@ -53,11 +53,6 @@ class Ring:
         ref = image or self.images.two.ref
         return self.ctrd.ctr("run", "--rm", "--snapshotter", snapshotter, ref,
                              f"{name}-{secrets.token_hex(3)}", *argv).stdout
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
-    return build_images(tmp_path_factory.mktemp("ctr-images"))
 
 
 def _backend_unavailable(backend: str) -> str | None:
