@@ -28,11 +28,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
+
+log = logging.getLogger("strata.fspool")
 
 #: Seconds a stopping server waits for running calls (systemd's default stop
 #: timeout is 90).
@@ -148,7 +151,11 @@ class FsPool(concurrent.futures.Executor):
         end = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             thread.join(None if end is None else max(0.0, end - time.monotonic()))
-        return [t.name for t in threads if t.is_alive()]
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            log.warning("%d call(s) still running after %gs at shutdown (%s); exiting "
+                        "anyway", len(stuck), timeout, ", ".join(stuck))
+        return stuck
 
     def _put(self, job: _Job) -> None:
         with self._lock:

@@ -90,11 +90,13 @@ async def serve_snapshotter(config: SnapshotterConfig) -> None:
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
         executor = FsPool(config.workers, "snap")
-        # At the end: no new calls, then running ones may finish (bounded).
-        stack.callback(executor.join, SHUTDOWN_DRAIN)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         snapshotter = await executor.start(open_snapshotter, config)
         stack.callback(snapshotter.close)
+        # At the end, before the records close: no new calls, then running ones may
+        # finish (bounded).
+        stack.callback(executor.join, SHUTDOWN_DRAIN)
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         server = Server([SnapshotsService(snapshotter, executor)])
         sock = bind_unix(config.socket_path, config.socket_mode, config.socket_group)
         stack.callback(_unlink, config.socket_path)

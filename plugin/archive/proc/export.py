@@ -123,8 +123,9 @@ def export_to_memory(spec: dict[str, Any], *, max_entries: int = 1 << 62,
                      max_bytes: int = 1 << 62) -> bytes | None:
     """The layer tar of ``spec`` (as for ``export_layer``), made by the calling thread and
     held in memory; None (nothing kept) for a tree of more than ``max_entries``
-    entries, or when the file bodies would pass ``max_bytes``.  Never forks (the
-    caller may be a thread of the multi-threaded plugin)."""
+    entries, or when the tar would pass ``max_bytes`` (checked before each file's
+    body is read).  Never forks (the caller may be a thread of the multi-threaded
+    plugin)."""
     names = None
     if spec["changes"] is None:
         # Names only (no stat) decide the first bound before anything is read.
