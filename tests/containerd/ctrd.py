@@ -309,6 +309,12 @@ class PrivateContainerd:
         finally:
             db.close()
 
+    def key_of(self, name: str) -> str:
+        """strata's key for containerd's snapshot ``name`` (containerd adds ``ns/seq/``)."""
+        found = [k for k in self.rows() if k.split("/", 2)[2] == name]
+        assert len(found) == 1, (name, found)
+        return found[0]
+
     def layer_dirs(self) -> list[str]:
         return sorted(os.listdir(os.path.join(self.strata_root, self.backend, "layers")))
 

@@ -55,13 +55,6 @@ class Broken:
         return done.returncode, done.stdout, done.stderr
 
 
-def _key_of(ctrd: PrivateContainerd, name: str) -> str:
-    """strata's key for containerd's snapshot ``name`` (containerd adds ``ns/seq/``)."""
-    found = [k for k in ctrd.rows() if k.split("/", 2)[2] == name]
-    assert len(found) == 1, (name, found)
-    return found[0]
-
-
 def lose_layer(ctrd: PrivateContainerd, key: str) -> str:
     """Stop strata by its pid, move ``key``'s layer into trash/ (a layer id is its
     record's id), start strata again; returns the layer's path."""
@@ -89,7 +82,7 @@ def broken(request: pytest.FixtureRequest, images: ImageSet) -> Iterator[Broken]
     try:
         ctrd.start_or_skip()
         ctrd.ctr("images", "import", "--snapshotter", "strata", str(images.tar))
-        key = _key_of(ctrd, images.two.chain_ids[0])  # busybox's only layer, two's bottom
+        key = ctrd.key_of(images.two.chain_ids[0])  # busybox's only layer, two's bottom
         path = lose_layer(ctrd, key)
         yield Broken(ctrd, images, key, path, ctrd.layer_dirs())
     finally:

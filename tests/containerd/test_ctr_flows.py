@@ -170,13 +170,6 @@ def _unmount(ring: Ring, target: Path) -> None:
     target.rmdir()
 
 
-def _key_of(ring: Ring, name: str) -> str:
-    """strata's key for containerd's snapshot ``name`` (containerd adds ``ns/seq/``)."""
-    found = [k for k in ring.ctrd.rows() if k.split("/", 2)[2] == name]
-    assert len(found) == 1, (name, found)
-    return found[0]
-
-
 def test_ctr_snapshots_verbs(ring: Ring) -> None:
     tag = secrets.token_hex(4)
     active, name, view = f"{tag}/active one", f"{tag}/committed", f"{tag}/view one"
@@ -199,7 +192,7 @@ def test_ctr_snapshots_verbs(ring: Ring) -> None:
     assert info["Kind"] == "Active" and info["Parent"] == base, info
     assert info["Labels"][inherited] == "yes" and info["Labels"]["plain"] == "kept-by-containerd"
     # containerd keeps plain labels itself and hands strata the inherited ones only
-    row_labels = _labels(ring, _key_of(ring, active))
+    row_labels = _labels(ring, ring.ctrd.key_of(active))
     assert row_labels.get(inherited) == "yes" and "plain" not in row_labels, row_labels
 
     diff = gzip.decompress(ring.ctrd.ctr(*SNAP, "diff", active).stdout)
@@ -211,7 +204,7 @@ def test_ctr_snapshots_verbs(ring: Ring) -> None:
     info = json.loads(ring.ctrd.ctr(*SNAP, "info", name).stdout)
     assert info["Kind"] == "Committed", info
     assert not [k for k in ring.ctrd.rows() if k.endswith(active)]
-    assert _key_of(ring, name)
+    assert ring.ctrd.key_of(name)
 
     # containerd 1.6 gives an API View no GC root; a GC that drops it would leave a
     # stale child pinning its parent: the parent names it first (issue 18).

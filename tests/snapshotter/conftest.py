@@ -14,6 +14,7 @@ import pytest
 from plugin.snapshotter import BACKENDS
 from tests.backends import btrfs_fs  # noqa: F401 (fixture)
 from tests.snapshotter.harness import Client, SnapshotterProcess
+from tests.snapshotter.test_crash import Scene
 
 
 def _root_for(request: pytest.FixtureRequest, backend: str, scratch: str) -> str:
@@ -68,6 +69,22 @@ def work() -> Iterator[str]:
     for point in sorted(mounted, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def scene(server: SnapshotterProcess, work: str) -> AsyncIterator[Scene]:
+    """A root holding a committed base (test_crash.py, test_reconcile.py); the server
+    is left running and without fault points, whatever the test did."""
+    s = Scene(server, work)
+    try:
+        await s.base()
+        yield s
+    finally:
+        s.client.close()
+        if s.armed:  # a failed test left its fault point set: the next test needs none
+            server.stop()
+        if server.process is None:  # or left it dead
+            server.start()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from grpclib.const import Status
@@ -103,31 +104,22 @@ class Scene:
         await self.client.commit(self.key("base"), self.key("base-a"))
 
 
-@pytest.fixture
-async def scene(server: SnapshotterProcess, work: str) -> AsyncIterator[Scene]:
-    s = Scene(server, work)
-    try:
-        await s.base()
-        yield s
-    finally:
-        s.client.close()
-        if s.armed:  # a failed test left its fault point set: the next test needs none
-            server.stop()
-        if server.process is None:  # or left it dead
-            server.start()
-
-
 # ---- what the root holds ----------------------------------------------------------
 
 
-def records(server: SnapshotterProcess) -> dict[int, tuple[str, int]]:
-    """id -> (key, kind), read from the database beside the running server."""
+def rows(server: SnapshotterProcess) -> dict[str, tuple[Any, ...]]:
+    """key -> its whole row (id, key, parent, kind, ...), read from the database
+    beside the running server."""
     db = sqlite3.connect(f"file:{os.path.join(server.root, SNAPSHOTTER_DB)}?mode=ro", uri=True)
     try:
-        return {row[0]: (row[1], row[2])
-                for row in db.execute("SELECT id, key, kind FROM snapshots")}
+        return {row[1]: tuple(row) for row in db.execute("SELECT * FROM snapshots")}
     finally:
         db.close()
+
+
+def records(server: SnapshotterProcess) -> dict[int, tuple[str, int]]:
+    """id -> (key, kind)."""
+    return {row[0]: (row[1], row[3]) for row in rows(server).values()}
 
 
 def home_entries(server: SnapshotterProcess, sub: str) -> set[str]:

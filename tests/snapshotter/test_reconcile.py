@@ -18,42 +18,17 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
-from collections.abc import AsyncIterator
 
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from plugin.snapshotter.proto import snapshots_pb2 as pb
-from plugin.state.ownership import SNAPSHOTTER_DB
 from tests.snapshotter.harness import SnapshotterProcess
-from tests.snapshotter.test_crash import MOTD, Scene, assert_consistent, gc, home_entries
+from tests.snapshotter.test_crash import MOTD, Scene, assert_consistent, gc, home_entries, rows
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
-Row = tuple[object, ...]
-
-
-@pytest.fixture
-async def scene(server: SnapshotterProcess, work: str) -> AsyncIterator[Scene]:
-    s = Scene(server, work)
-    try:
-        await s.base()
-        yield s
-    finally:
-        s.client.close()
-        if server.process is None:  # a failed test left it stopped
-            server.start()
-
-
-def rows(server: SnapshotterProcess) -> dict[str, Row]:
-    """key -> the whole row, read from the database beside the server."""
-    db = sqlite3.connect(f"file:{os.path.join(server.root, SNAPSHOTTER_DB)}?mode=ro", uri=True)
-    try:
-        return {row[1]: tuple(row) for row in db.execute("SELECT * FROM snapshots")}
-    finally:
-        db.close()
 
 
 def layer_of(server: SnapshotterProcess, key: str) -> str:
