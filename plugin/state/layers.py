@@ -108,13 +108,17 @@ class LayerStore:
         self._tree_lock = threading.Lock()
         self._children: defaultdict[str, set[str]] = defaultdict(set)
         self._removing: set[str] = set()
+        # layer id -> its parent ("" for none), for the layers in ``_known`` whose
+        # meta.json reads: a layer's parent never changes, overlay's Diff and Changes
+        # ask it on every call, and Remove needs it for the tree.
+        self._parents: dict[str, str] = {}
         for layer_id in self._known:
-            parent = self._read_parent(layer_id)
+            try:
+                parent = self._parents[layer_id] = self.read_meta(layer_id).parent
+            except (OSError, msgspec.DecodeError, NotFound, InvalidArgument):
+                continue  # damage under Home: fsck reports it; no known parent
             if parent:
                 self._children[parent].add(layer_id)
-        # layer id -> its parent ("" for none), as read or created: a layer's
-        # parent never changes, and overlay's Diff and Changes ask it on every call.
-        self._parents: dict[str, str] = {}
 
     def _plain(self, name: str) -> bool:
         """A layer's real directory (not a symlink or junk planted in layers/)."""
@@ -162,19 +166,10 @@ class LayerStore:
                      durable=durable)
 
     def parent_of(self, layer_id: str) -> str:
-        """The layer's parent id ("" for none), from memory once the layer is known."""
+        """The layer's parent id ("" for none): from memory for a layer this store
+        opened or made, from its meta.json otherwise (which may raise)."""
         parent = self._parents.get(layer_id)
-        if parent is None:
-            parent = self.read_meta(layer_id).parent
-            if self.known(layer_id):
-                self._parents[layer_id] = parent
-        return parent
-
-    def _read_parent(self, layer_id: str) -> str:
-        try:
-            return self.read_meta(layer_id).parent
-        except (OSError, msgspec.DecodeError, NotFound, InvalidArgument):
-            return ""  # damage under Home: fsck reports it; the layer has no known parent
+        return self.read_meta(layer_id).parent if parent is None else parent
 
     # ---- the parent/child tree ----------------------------------------------
     def children(self, layer_id: str) -> list[str]:
@@ -280,7 +275,7 @@ class LayerStore:
         process alone the rename needs no fsync (the page cache survives)."""
         final = self.layer_dir(layer_id)
         doomed = os.path.join(self.trash_dir, f"{layer_id}.{uuid.uuid4().hex[:12]}")
-        parent = self._read_parent(layer_id) if self.known(layer_id) else ""
+        parent = self._parents.get(layer_id, "")
         try:
             os.rename(final, doomed)
         except FileNotFoundError:
