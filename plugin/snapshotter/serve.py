@@ -95,7 +95,7 @@ async def serve_snapshotter(config: SnapshotterConfig) -> None:
         stack.callback(snapshotter.close)
         # At the end, before the records close: no new calls, then running ones may
         # finish (bounded).
-        stack.callback(executor.join, SHUTDOWN_DRAIN)
+        stack.push_async_callback(asyncio.to_thread, executor.join, SHUTDOWN_DRAIN)
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         server = Server([SnapshotsService(snapshotter, executor)])
         sock = bind_unix(config.socket_path, config.socket_mode, config.socket_group)

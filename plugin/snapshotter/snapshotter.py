@@ -69,17 +69,13 @@ class Snapshotter:
         self._building_lock = threading.Lock()
         #: layer id -> the mounts answered for it (see the module doc).
         self._specs: dict[str, list[MountSpec]] = {}
-        present = set(driver.layer_ids())
         # No new layer may take the id of one present now (a crash's leftover that
         # Cleanup could not delete would make its Prepare fail).
-        self.meta.skip_past(max((int(i) for i in present if i.isdigit()), default=0))
+        self.meta.skip_past(max((int(i) for i in driver.layer_ids() if i.isdigit()),
+                                default=0))
         #: layer id -> its missing path, for each broken row (dropped by its Remove).
-        self._missing: dict[str, str] = {}
-        claimed = {str(i) for i in meta.ids()}
-        for layer, path in (missing or {}).items():
-            if layer in claimed and layer not in present:
-                self._missing[layer] = path
-        for record in meta.walk():
+        self._missing: dict[str, str] = dict(missing or {})
+        for record in meta.walk() if self._missing else ():
             if record.layer in self._missing:
                 log.warning("snapshot %r (%s, layer %s) is broken: %s is missing; Mounts, "
                             "and Prepare or View on it, fail until it is removed",
